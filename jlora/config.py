@@ -1,0 +1,157 @@
+"""LoraConfig and how a config resolves per parameter path.
+
+Paths are "/"-joined parameter paths such as ``"layers_0/attn/q_proj/kernel"``;
+the *module path* is the same without the last name (``"layers_0/attn/q_proj"``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Mapping, Sequence
+
+import jax.numpy as jnp
+
+from jlora import paths
+
+ALL_LINEAR = "all-linear"
+"""``targets=ALL_LINEAR`` adapts every Dense-like kernel except the output head."""
+
+INITS = ("default", "gaussian", "pissa", "zeros")
+ADAPTABLE_NAMES = ("kernel", "embedding")
+HEAD_NAMES = ("lm_head", "head", "output", "classifier", "logits")
+
+
+def _compile(pattern: str, what: str) -> re.Pattern:
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"LoraConfig.{what}: pattern {pattern!r} does not compile: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+  """What to adapt and how.
+
+  Attributes:
+    rank: LoRA rank ``r``; ``a: [in, r]``, ``b: [r, out]``.
+    alpha: scaling numerator; ``scale = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+    targets: which weights to adapt. A string is a regular expression that must
+      match the whole module path (``"a/q_proj"``) or parameter path
+      (``"a/q_proj/kernel"``); a sequence of names matches a module whose path
+      equals a name or ends with ``"/" + name`` (PEFT's list semantics);
+      :data:`ALL_LINEAR` adapts every Dense-like kernel but the output head.
+      Only ``kernel`` and ``embedding`` leaves of two or more axes are adapted
+      unless a regex names another leaf's full parameter path explicitly;
+      1-D leaves (biases, norm scales) never are.
+    exclude: optional regex (full match on module or parameter path) or names,
+      removed from the targets.
+    dropout: dropout rate on the LoRA input during training.
+    use_rslora: scale by ``alpha / sqrt(r)`` (rsLoRA).
+    use_dora: weight-decomposed LoRA (DoRA), PEFT's formulation.
+    init: "default" (A Kaiming-uniform as PEFT, B zero), "gaussian"
+      (A ~ N(0, 1/r), B zero), "pissa" (A, B from the top-r SVD of W; train
+      against the residual base ``unmerge(params, adapter)``) or "zeros".
+    rank_pattern / alpha_pattern: per-module overrides; a key matches a module
+      path when ``re.match(rf"(.*/)?({key})$", module_path)`` does (PEFT's rule
+      with "/" for "."); the first matching key wins.
+    dtype: dtype of the adapter's arrays (the base may differ, e.g. bf16/NF4).
+
+  Example:
+    >>> cfg = LoraConfig(rank=8, alpha=16, targets=r".*(q|v)_proj")
+    >>> cfg.resolve("layers_0/attn/q_proj/kernel")
+    (8, 16.0)
+  """
+  rank: int = 8
+  alpha: float = 8.0
+  targets: str | Sequence[str] = ALL_LINEAR
+  exclude: str | Sequence[str] | None = None
+  dropout: float = 0.0
+  use_rslora: bool = False
+  use_dora: bool = False
+  init: str = "default"
+  rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  dtype: jnp.dtype = jnp.float32
+
+  def __post_init__(self):
+    _check_rank(self.rank, "rank")
+    _check_alpha(self.alpha, "alpha")
+    for k, r in self.rank_pattern.items():
+      _compile(k, "rank_pattern"); _check_rank(r, f"rank_pattern[{k!r}]")
+    for k, a in self.alpha_pattern.items():
+      _compile(k, "alpha_pattern"); _check_alpha(a, f"alpha_pattern[{k!r}]")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
+    if self.init not in INITS:
+      raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
+    if isinstance(self.targets, str):
+      if self.targets != ALL_LINEAR:
+        _compile(self.targets, "targets")
+    elif not self.targets:
+      raise ValueError("LoraConfig.targets is empty: nothing would be adapted")
+    if isinstance(self.exclude, str):
+      _compile(self.exclude, "exclude")
+
+  def scale(self, rank: int, alpha: float) -> float:
+    return scale_of(rank, alpha, self.use_rslora)
+
+  def resolve(self, param_path: str) -> tuple[int, float]:
+    """Returns ``(rank, alpha)`` for the parameter at ``param_path``."""
+    mod = paths.module_path(param_path)
+    rank, alpha = self.rank, float(self.alpha)
+    for key, r in self.rank_pattern.items():
+      if re.match(rf"(.*/)?({key})$", mod):
+        rank = r
+        break
+    for key, a in self.alpha_pattern.items():
+      if re.match(rf"(.*/)?({key})$", mod):
+        alpha = float(a)
+        break
+    return rank, alpha
+
+  def matches(self, param_path: str, ndim: int, kind: str | None = None) -> bool:
+    """Whether the leaf at ``param_path`` (with ``ndim`` axes) is a target.
+
+    ``kind`` is the layer kind learnt by tracing ("dense", "embed", "conv",
+    "einsum") or None when unknown; :data:`ALL_LINEAR` needs "dense"/"einsum"
+    (or, with no trace, a 2-D ``kernel``).
+    """
+    if ndim < 2:
+      return False
+    mod, _, leaf = param_path.rpartition(paths.SEP)
+    if self.exclude is not None and _match(self.exclude, mod, param_path):
+      return False
+    if self.targets == ALL_LINEAR:
+      if leaf != "kernel" or mod.rpartition(paths.SEP)[2] in HEAD_NAMES:
+        return False
+      return kind in ("dense", "einsum") if kind is not None else ndim == 2
+    if isinstance(self.targets, str):
+      rx = re.compile(self.targets)
+      if leaf in ADAPTABLE_NAMES:
+        return bool(rx.fullmatch(mod) or rx.fullmatch(param_path))
+      # another leaf is adapted only when its full parameter path is named.
+      return bool(rx.fullmatch(param_path)) and not rx.fullmatch(mod)
+    return leaf in ADAPTABLE_NAMES and _match(self.targets, mod, param_path)
+
+
+def _match(spec, mod: str, param_path: str) -> bool:
+  if isinstance(spec, str):
+    rx = re.compile(spec)
+    return bool(rx.fullmatch(mod) or rx.fullmatch(param_path))
+  return any(mod == n or mod.endswith(paths.SEP + n) for n in spec)
+
+
+def scale_of(rank: int, alpha: float, use_rslora: bool) -> float:
+  """LoRA scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (PEFT)."""
+  return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
+
+
+def _check_rank(r, what):
+  if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+    raise ValueError(f"LoraConfig.{what} must be a positive int, got {r!r}")
+
+
+def _check_alpha(a, what):
+  if not isinstance(a, (int, float)) or isinstance(a, bool) or not a > 0:
+    raise ValueError(f"LoraConfig.{what} must be positive, got {a!r}")
