@@ -1,0 +1,291 @@
+"""Meshes, logical-axis rules, and shardings derived for adapters.
+
+jlora shards the pjit way: every array gets a ``NamedSharding`` over a device
+mesh with the axes ``("data", "fsdp", "tensor")``, and ``jax.jit`` (with
+``in_shardings`` / ``out_shardings``) inserts the collectives. The base's
+shardings come from the *logical* axis names its parameters carry
+(``nn.with_logical_partitioning``, the MaxText/T5X style) mapped to mesh axes
+by a rule table; an adapter's shardings are derived from its base kernel's:
+
+  kernel W: [*stack, *kernel]   spec (s..., k_0, k_1, ...)
+  a: [*stack, *in_dims, r]      spec (s..., k_i for i in in_axes, None)
+  b: [*stack, r, *out_dims]     spec (s..., None, k_o for o in out_axes)
+  magnitude: [*stack, *out_dims] spec (s..., k_o for o in out_axes)
+
+so ``x @ a`` contracts over the same devices as ``x @ W`` and ``(x a) @ b``
+comes out sharded like ``x @ W``; the rank axis is replicated.
+
+A dimension that a mesh axis does not divide evenly is replicated instead
+(``fit_spec``), so any rule table works for any model size.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jlora import lora as L
+from jlora import paths
+
+MESH_AXES = ("data", "fsdp", "tensor")
+"""The mesh axis names :func:`make_mesh` creates, outermost first."""
+
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("layers", None),
+    ("head_dim", None),
+    ("length", None),
+)
+"""Logical axis -> mesh axis rules (first rule whose mesh axes are free wins).
+
+Data parallelism splits the batch over ``data`` and ``fsdp``; FSDP splits the
+model dimension ``embed`` of every weight over ``fsdp``; tensor parallelism
+(Megatron style) splits ``heads``/``kv_heads``/``mlp``/``vocab`` over
+``tensor``. Activations ``[batch, length, embed]`` keep ``embed`` whole
+because ``fsdp`` is already taken by ``batch``.
+"""
+
+
+def _is_box(x) -> bool:
+  return isinstance(x, nn.meta.AxisMetadata)
+
+
+def _is_sharding_leaf(x) -> bool:
+  return isinstance(x, (NamedSharding, P)) or paths.is_node(x)
+
+
+def make_mesh(*, data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ``("data", "fsdp", "tensor")`` mesh over ``devices`` (default: all, every host).
+
+  One size may be -1: it takes the devices the others leave. Devices are laid
+  out by ``mesh_utils.create_device_mesh`` (topology-aware on TPU/GPU), so
+  ``tensor`` (innermost) lands on the closest devices.
+
+  Args:
+    data / fsdp / tensor: axis sizes; their product must be the device count.
+    devices: the devices to use (``jax.devices()``, i.e. all processes', by default).
+
+  Returns:
+    A ``jax.sharding.Mesh`` of shape ``[data, fsdp, tensor]`` with Auto axes.
+
+  Example:
+    >>> mesh = make_mesh(fsdp=2, tensor=4)      # on 8 devices: data = 1
+    >>> dict(mesh.shape)
+    {'data': 1, 'fsdp': 2, 'tensor': 4}
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = dict(data=data, fsdp=fsdp, tensor=tensor)
+  for name, s in sizes.items():
+    if not isinstance(s, int) or isinstance(s, bool) or (s < 1 and s != -1):
+      raise ValueError(f"make_mesh: {name}={s!r} must be a positive int or -1")
+  free = [n for n, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ValueError(f"make_mesh: only one axis may be -1, got {sizes}")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if len(devices) % fixed:
+      raise ValueError(f"make_mesh: {len(devices)} devices do not split into {sizes}")
+    sizes[free[0]] = len(devices) // fixed
+  shape = tuple(sizes[n] for n in MESH_AXES)
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"make_mesh: axis sizes {sizes} need {math.prod(shape)} devices, "
+                     f"but {len(devices)} are given")
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices)
+  except (ValueError, AssertionError, NotImplementedError):
+    grid = np.asarray(devices, dtype=object).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def _axis_size(mesh: Mesh, axes) -> int:
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """``spec`` with every dimension that its mesh axes don't divide evenly replicated.
+
+  Also pads ``spec`` to ``len(shape)`` and drops mesh axes the mesh lacks.
+
+  Example:
+    >>> mesh = make_mesh(tensor=8)
+    >>> fit_spec(P("tensor", None), (12, 16), mesh)    # 12 % 8 != 0
+    PartitionSpec(None, None)
+  """
+  if len(spec) > len(shape):
+    raise ValueError(f"PartitionSpec {spec} has {len(spec)} entries for an array of shape "
+                     f"{list(shape)}")
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axes is not None:
+      names = (axes,) if isinstance(axes, str) else tuple(axes)
+      if any(a not in mesh.shape for a in names) or dim % _axis_size(mesh, names):
+        axes = None
+    out.append(axes)
+  return P(*out)
+
+
+def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                 rules=None) -> P:
+  """Mesh ``PartitionSpec`` for an array of ``shape`` whose axes are ``names``.
+
+  Example:
+    >>> logical_spec(("embed", "mlp"), (64, 256), make_mesh(fsdp=2, tensor=4))
+    PartitionSpec('fsdp', 'tensor')
+  """
+  spec = nn.logical_to_mesh_axes(tuple(names), DEFAULT_RULES if rules is None else rules)
+  return fit_spec(spec, shape, mesh)
+
+
+def param_shardings(params: Any, mesh: Mesh, rules=None) -> Any:
+  """``NamedSharding`` for every parameter, read from its logical axis names.
+
+  Args:
+    params: the boxed parameter tree, e.g. ``jax.eval_shape(model.init, key,
+      x)["params"]`` (no memory spent): leaves ``nn.LogicallyPartitioned``
+      get their names mapped by ``rules``; ``nn.Partitioned`` leaves name mesh
+      axes directly; plain arrays are replicated.
+    mesh: the device mesh (:func:`make_mesh`).
+    rules: logical -> mesh axis rules (:data:`DEFAULT_RULES` by default).
+
+  Returns:
+    The unboxed tree with a ``NamedSharding`` at every leaf; dimensions that
+    don't divide evenly are replicated.
+
+  Example:
+    >>> box = nn.LogicallyPartitioned(jax.ShapeDtypeStruct((64, 256), "float32"),
+    ...                               names=("embed", "mlp"))
+    >>> param_shardings({"w": box}, make_mesh(fsdp=2, tensor=4))["w"].spec
+    PartitionSpec('fsdp', 'tensor')
+  """
+  def one(x):
+    if isinstance(x, nn.LogicallyPartitioned):
+      return NamedSharding(mesh, logical_spec(x.names, x.value.shape, mesh, rules))
+    if isinstance(x, nn.Partitioned):
+      return NamedSharding(mesh, fit_spec(P(*x.names), x.value.shape, mesh))
+    return NamedSharding(mesh, P())
+  return jax.tree.map(one, params, is_leaf=_is_box)
+
+
+def lora_shardings(lora: L.LoRA, kernel: NamedSharding | P, mesh: Mesh | None = None,
+                   path: str = "weight") -> L.LoRA:
+  """The shardings of one LoRA node, derived from its base kernel's sharding.
+
+  Returns a ``LoRA`` whose ``a``/``b``/``magnitude`` are ``NamedSharding``s
+  (``a``: stack + in-axes specs, None for r; ``b``: stack, None, out-axes
+  specs; ``magnitude``: stack + out-axes specs), usable as a jit sharding.
+
+  Example:
+    >>> mesh = make_mesh(fsdp=2, tensor=4)
+    >>> lo = L.LoRA(a=jnp.ones((64, 8)), b=jnp.ones((8, 256)), rank=8)
+    >>> lora_shardings(lo, NamedSharding(mesh, P("fsdp", "tensor"))).b.spec
+    PartitionSpec(None, 'tensor')
+  """
+  if isinstance(kernel, NamedSharding):
+    mesh, spec = kernel.mesh, kernel.spec
+  elif isinstance(kernel, P) and mesh is not None:
+    spec = kernel
+  else:
+    raise TypeError(f"sharding of the base weight at {path!r} must be a NamedSharding (or a "
+                    f"PartitionSpec with mesh=), got {type(kernel).__name__}")
+  n = len(lora.kernel_shape)
+  if len(spec) > n:
+    raise ValueError(f"base weight at {path!r} is {list(lora.kernel_shape)} but its sharding "
+                     f"{spec} has {len(spec)} entries")
+  spec = tuple(spec) + (None,) * (n - len(spec))
+  s = lora.stack
+  lead, kern = spec[:s], spec[s:]
+  ins, outs = tuple(kern[i] for i in lora.in_axes), tuple(kern[i] for i in lora.out_axes)
+  named = lambda *axes: NamedSharding(mesh, P(*axes))
+  mag = None if lora.magnitude is None else named(*lead, *outs)
+  return lora.replace(a=named(*lead, *ins, None), b=named(*lead, None, *outs), magnitude=mag)
+
+
+def adapter_shardings(adapter: Any, base_shardings: Any, mesh: Mesh | None = None) -> Any:
+  """Shardings for every LoRA of ``adapter``, following its base kernel's.
+
+  Args:
+    adapter: the adapter tree (arrays or ``jax.ShapeDtypeStruct``s).
+    base_shardings: the base's shardings (:func:`param_shardings`): a tree with
+      a ``NamedSharding`` (or ``PartitionSpec``, then pass ``mesh``) at each
+      adapted path, laid out as the *logical* (unquantized) kernel.
+    mesh: needed only when ``base_shardings`` holds ``PartitionSpec``s.
+
+  Returns:
+    A tree like ``adapter`` whose LoRA nodes hold ``NamedSharding``s (see
+    :func:`lora_shardings`), to pass to ``jax.device_put`` or ``jax.jit``.
+
+  Example:
+    >>> mesh = make_mesh(fsdp=2, tensor=4)
+    >>> ad = {"up": {"kernel": L.LoRA(a=jnp.ones((64, 8)), b=jnp.ones((8, 256)), rank=8)}}
+    >>> base = {"up": {"kernel": NamedSharding(mesh, P("fsdp", "tensor"))}}
+    >>> adapter_shardings(ad, base)["up"]["kernel"].a.spec
+    PartitionSpec('fsdp', None)
+  """
+  flat = paths.flatten(base_shardings, is_leaf=_is_sharding_leaf)
+
+  def one(path, lo):
+    if lo is None:
+      return None
+    if not isinstance(lo, L.LoRA):
+      raise TypeError(f"not an adapter: leaf at {path!r} is a {type(lo).__name__}")
+    if path not in flat:
+      raise ValueError(f"adapter path {path!r} has no sharding in base_shardings")
+    return lora_shardings(lo, flat[path], mesh, path)
+  return paths.map_with_path(one, adapter)
+
+
+def batch_sharding(mesh: Mesh, rules=None, ndim: int = 2) -> NamedSharding:
+  """Sharding of a ``[batch, ...]`` input: the batch over the "batch" rule's mesh axes.
+
+  Example:
+    >>> batch_sharding(make_mesh(data=2, fsdp=2, tensor=2)).spec
+    PartitionSpec(('data', 'fsdp'), None)
+  """
+  spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1),
+                                 DEFAULT_RULES if rules is None else rules)
+  return NamedSharding(mesh, spec)
+
+
+def shard_batch(batch: Any, mesh: Mesh, rules=None) -> Any:
+  """Places a batch of host arrays ``[local_batch, ...]`` onto the mesh, batch-sharded.
+
+  Each process passes only its own rows (``jax.make_array_from_process_local_data``),
+  so the same code runs on one host and on many; the global batch is the
+  processes' rows in process order.
+
+  Example:
+    >>> x = shard_batch(np.ones((8, 16), np.int32), make_mesh(data=8))
+    >>> x.sharding.spec
+    PartitionSpec(('data', 'fsdp'), None)
+  """
+  def one(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, rules, x.ndim), x)
+  return jax.tree.map(one, batch)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], mesh: Mesh, rules=None) -> jax.Array:
+  """``with_sharding_constraint`` by logical axis names (under ``jit``).
+
+  Example:
+    >>> mesh = make_mesh(data=8)
+    >>> y = jax.jit(lambda x: constrain(x, ("batch", "vocab"), mesh))(jnp.ones((8, 32)))
+    >>> y.sharding.spec
+    PartitionSpec(('data', 'fsdp'), 'tensor')
+  """
+  spec = logical_spec(names, x.shape, mesh, rules)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

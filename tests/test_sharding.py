@@ -1,0 +1,176 @@
+"""jlora.sharding on 8 simulated CPU devices: meshes, rules, adapter shardings."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from conftest import rel_err
+from jlora import lora as L
+from jlora import sharding as S
+
+MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]   # fsdp × tensor
+
+
+# ---- meshes and rules -------------------------------------------------------
+
+@pytest.mark.parametrize("sizes,shape", [
+    (dict(), (8, 1, 1)), (dict(fsdp=2, tensor=4), (1, 2, 4)),
+    (dict(data=2, fsdp=-1, tensor=2), (2, 2, 2)), (dict(data=1, fsdp=1, tensor=-1), (1, 1, 8))])
+def test_make_mesh_shapes(sizes, shape):
+  mesh = S.make_mesh(**sizes)
+  assert mesh.axis_names == S.MESH_AXES
+  assert tuple(mesh.shape[a] for a in S.MESH_AXES) == shape
+  assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
+
+
+@pytest.mark.parametrize("sizes,msg", [
+    (dict(data=-1, tensor=-1), "only one axis"), (dict(data=3), "need 3 devices"),
+    (dict(data=-1, tensor=3), "do not split"), (dict(fsdp=0), "fsdp=0")])
+def test_make_mesh_errors(sizes, msg):
+  with pytest.raises(ValueError, match=msg):
+    S.make_mesh(**sizes)
+
+
+def test_make_mesh_subset_of_devices():
+  mesh = S.make_mesh(data=2, tensor=2, devices=jax.devices()[:4])
+  assert mesh.devices.size == 4
+
+
+def test_fit_spec_replicates_indivisible_dims():
+  mesh = S.make_mesh(fsdp=2, tensor=4)
+  assert S.fit_spec(P("fsdp", "tensor"), (6, 10), mesh) == P("fsdp", None)
+  assert S.fit_spec(P(("fsdp", "tensor")), (16, 3), mesh) == P(("fsdp", "tensor"), None)
+  assert S.fit_spec(P(("fsdp", "tensor")), (4,), mesh) == P(None)
+  assert S.fit_spec(P("pipeline"), (8,), mesh) == P(None)
+  with pytest.raises(ValueError, match="2 entries for an array of shape"):
+    S.fit_spec(P("fsdp", None), (8,), mesh)
+
+
+@pytest.mark.parametrize("names,shape,want", [
+    (("embed", "mlp"), (64, 256), P("fsdp", "tensor")),
+    (("mlp", "embed"), (256, 64), P("tensor", "fsdp")),
+    (("vocab", "embed"), (128, 64), P("tensor", "fsdp")),
+    (("embed", "heads", "head_dim"), (64, 4, 16), P("fsdp", "tensor", None)),
+    (("layers", "embed", "kv_heads", "head_dim"), (3, 64, 2, 16), P(None, "fsdp", None, None)),
+    (("batch", "length", "embed"), (8, 5, 64), P(("data", "fsdp"), None, None)),
+    (("embed",), (64,), P("fsdp")),
+])
+def test_default_rules(names, shape, want):
+  mesh = S.make_mesh(fsdp=2, tensor=4)    # kv_heads 2 % 4 != 0: replicated
+  assert S.logical_spec(names, shape, mesh) == want
+
+
+def test_param_shardings_reads_boxes():
+  mesh = S.make_mesh(fsdp=2, tensor=4)
+  sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  tree = {"up": {"kernel": nn.LogicallyPartitioned(sds(64, 256), names=("embed", "mlp")),
+                 "bias": sds(256)},
+          "raw": {"kernel": nn.Partitioned(sds(16, 8), names=(None, "tensor"))}}
+  sh = S.param_shardings(tree, mesh)
+  assert sh["up"]["kernel"].spec == P("fsdp", "tensor")
+  assert sh["up"]["bias"].spec == P()
+  assert sh["raw"]["kernel"].spec == P(None, "tensor")
+  rules = (("embed", "tensor"), ("mlp", "fsdp"))
+  assert S.param_shardings(tree, mesh, rules)["up"]["kernel"].spec == P("tensor", "fsdp")
+
+
+def test_param_shardings_of_a_flax_module():
+  class Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+      h = nn.Dense(32, kernel_init=init, use_bias=False, name="up")(x)
+      init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "embed"))
+      return nn.Dense(16, kernel_init=init, use_bias=False, name="down")(h)
+  abstract = jax.eval_shape(Mlp().init, jax.random.key(0), jnp.ones((2, 16)))
+  sh = S.param_shardings(abstract["params"], S.make_mesh(fsdp=4, tensor=2))
+  assert sh["up"]["kernel"].spec == P("fsdp", "tensor")
+  assert sh["down"]["kernel"].spec == P("tensor", "fsdp")
+
+
+# ---- adapter shardings ------------------------------------------------------
+
+def _lora(rng, kernel_shape, in_axes, out_axes, stack=0, rank=4, dora=False):
+  lead, kern = kernel_shape[:stack], kernel_shape[stack:]
+  ins = tuple(kern[i] for i in in_axes)
+  outs = tuple(kern[i] for i in out_axes)
+  arr = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  mag = arr(*lead, *outs) if dora else None
+  return L.LoRA(a=arr(*lead, *ins, rank), b=arr(*lead, rank, *outs), magnitude=mag,
+                alpha=8.0, rank=rank, in_axes=in_axes, out_axes=out_axes, stack=stack)
+
+
+@pytest.mark.parametrize("shape,spec,in_axes,out_axes,stack,want_a,want_b,want_m", [
+    ((64, 32), P("fsdp", "tensor"), (0,), (1,), 0,
+     P("fsdp", None), P(None, "tensor"), P("tensor")),
+    ((64, 4, 16), P("fsdp", "tensor"), (0,), (1, 2), 0,      # DenseGeneral, short spec
+     P("fsdp", None), P(None, "tensor", None), P("tensor", None)),
+    ((4, 16, 64), P("tensor", None, "fsdp"), (0, 1), (2,), 0,  # o_proj einsum
+     P("tensor", None, None), P(None, "fsdp"), P("fsdp")),
+    ((3, 64, 32), P("data", "fsdp", "tensor"), (0,), (1,), 1,  # scanned stack
+     P("data", "fsdp", None), P("data", None, "tensor"), P("data", "tensor")),
+    ((3, 32, 64), P(None, "tensor", "fsdp"), (1,), (0,), 1,    # transposed use
+     P(None, "fsdp", None), P(None, None, "tensor"), P(None, "tensor")),
+])
+def test_lora_shardings_follow_kernel(rng, shape, spec, in_axes, out_axes, stack,
+                                      want_a, want_b, want_m):
+  mesh = S.make_mesh(data=1, fsdp=2, tensor=4)
+  lo = _lora(rng, shape, in_axes, out_axes, stack, dora=True)
+  assert lo.kernel_shape == shape
+  sh = S.lora_shardings(lo, NamedSharding(mesh, spec))
+  assert (sh.a.spec, sh.b.spec, sh.magnitude.spec) == (want_a, want_b, want_m)
+  # the same through a PartitionSpec and mesh=, and without DoRA
+  sh2 = S.lora_shardings(lo.replace(magnitude=None), spec, mesh)
+  assert (sh2.a.spec, sh2.b.spec, sh2.magnitude) == (want_a, want_b, None)
+
+
+def test_lora_shardings_errors(rng):
+  mesh = S.make_mesh(fsdp=2, tensor=4)
+  lo = _lora(rng, (16, 8), (0,), (1,))
+  with pytest.raises(ValueError, match="'x/kernel' is \\[16, 8\\] but its sharding"):
+    S.lora_shardings(lo, NamedSharding(mesh, P("fsdp", None, "tensor")), path="x/kernel")
+  with pytest.raises(TypeError, match="PartitionSpec with mesh="):
+    S.lora_shardings(lo, P("fsdp"))
+  with pytest.raises(ValueError, match="'other/kernel' has no sharding"):
+    S.adapter_shardings({"other": {"kernel": lo}}, {"x": {"kernel": P()}}, mesh)
+
+
+def test_sharded_lora_forward_matches_unsharded(rng):
+  """Adapter placed by adapter_shardings: x @ (W + s·a@b) equals the float64 result."""
+  mesh = S.make_mesh(fsdp=2, tensor=4)
+  w = jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)
+  lo = _lora(rng, (64, 32), (0,), (1,))
+  x = jnp.asarray(rng.standard_normal((8, 64)), jnp.float32)
+  base_sh = {"d": {"kernel": NamedSharding(mesh, P("fsdp", "tensor"))}}
+  ad_sh = S.adapter_shardings({"d": {"kernel": lo}}, base_sh)
+  params = jax.device_put({"d": {"kernel": w}}, base_sh)
+  ad = jax.device_put({"d": {"kernel": lo}}, ad_sh)
+  assert ad["d"]["kernel"].a.sharding.spec == P("fsdp", None)
+  assert ad["d"]["kernel"].b.sharding.spec == P(None, "tensor")
+
+  def fwd(p, ad, x):
+    lo = ad["d"]["kernel"]
+    return x @ p["d"]["kernel"] + lo.scale * (x @ lo.a) @ lo.b
+
+  xs = jax.device_put(x, S.batch_sharding(mesh))
+  for f in (fwd, jax.jit(fwd, out_shardings=NamedSharding(mesh, P(("data", "fsdp"), "tensor")))):
+    y = f(params, ad, xs)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    a64, b64 = np.asarray(lo.a, np.float64), np.asarray(lo.b, np.float64)
+    assert rel_err(y, x64 @ (w64 + lo.scale * a64 @ b64)) < 1e-5
+
+
+def test_shard_batch_and_constrain():
+  mesh = S.make_mesh(data=2, fsdp=2, tensor=2)
+  x = S.shard_batch({"ids": np.arange(8 * 6, dtype=np.int32).reshape(8, 6)}, mesh)["ids"]
+  assert x.sharding.spec == P(("data", "fsdp"), None)
+  np.testing.assert_array_equal(np.asarray(x), np.arange(48).reshape(8, 6))
+
+  @jax.jit
+  def f(x):
+    return S.constrain(x * 2.0, ("batch", "vocab"), mesh)
+  y = f(jnp.ones((8, 6)))      # vocab 6 % 2 == 0: split over tensor
+  assert y.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), "tensor")), 2)
+  assert float(y.sum()) == 96.0
