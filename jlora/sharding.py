@@ -21,7 +21,7 @@ A dimension that a mesh axis does not divide evenly is replicated instead
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -255,9 +255,12 @@ def batch_sharding(mesh: Mesh, rules=None, ndim: int = 2) -> NamedSharding:
     >>> batch_sharding(make_mesh(data=2, fsdp=2, tensor=2)).spec
     PartitionSpec(('data', 'fsdp'), None)
   """
-  spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1),
-                                 DEFAULT_RULES if rules is None else rules)
-  return NamedSharding(mesh, spec)
+  return NamedSharding(mesh, _batch_spec(rules, ndim))
+
+
+def _batch_spec(rules, ndim: int) -> P:
+  names = ("batch",) + (None,) * (ndim - 1)
+  return nn.logical_to_mesh_axes(names, DEFAULT_RULES if rules is None else rules)
 
 
 def shard_batch(batch: Any, mesh: Mesh, rules=None) -> Any:
@@ -289,3 +292,115 @@ def constrain(x: jax.Array, names: Sequence[str | None], mesh: Mesh, rules=None)
   """
   spec = logical_spec(names, x.shape, mesh, rules)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _mesh_of(tree: Any) -> Mesh | None:
+  for s in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, NamedSharding)):
+    if isinstance(s, NamedSharding):
+      return s.mesh
+  return None
+
+
+def _key_names(keypath) -> tuple[str, ...]:
+  return tuple(str(k) for k in keypath)
+
+
+def state_shardings(state: Any, adapter_shardings: Any, mesh: Mesh | None = None) -> Any:
+  """Shardings for an optimizer state (or any tree holding copies of the adapter).
+
+  A leaf of ``state`` whose key path ends with an adapter leaf's key path
+  (Adam's ``mu``/``nu``, accumulated gradients, ...) gets that adapter
+  leaf's sharding (fitted to the leaf's shape); every other leaf (step
+  counts, scalars) is replicated. Works for any optax state without knowing
+  the optimizer.
+
+  Args:
+    state: the optimizer state, or its ``jax.eval_shape``.
+    adapter_shardings: from :func:`adapter_shardings`.
+    mesh: the mesh (default: the one ``adapter_shardings`` uses).
+
+  Returns:
+    A tree like ``state`` of ``NamedSharding``s.
+
+  Example:
+    >>> mesh = make_mesh(fsdp=2, tensor=4)
+    >>> ad = {"up": {"kernel": L.LoRA(a=jnp.ones((64, 8)), b=jnp.ones((8, 256)), rank=8)}}
+    >>> sh = adapter_shardings(ad, {"up": {"kernel": NamedSharding(mesh, P("fsdp", "tensor"))}})
+    >>> st = state_shardings(optax.adam(1e-3).init(ad), sh)
+    >>> st[0].mu["up"]["kernel"].b.spec, st[0].count.spec
+    (PartitionSpec(None, 'tensor'), PartitionSpec())
+  """
+  mesh = mesh or _mesh_of(adapter_shardings)
+  if mesh is None:
+    raise ValueError("state_shardings: adapter_shardings holds no NamedSharding; pass mesh=")
+  known = {_key_names(kp): s for kp, s in jax.tree_util.tree_flatten_with_path(
+      adapter_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]}
+  longest = max((len(k) for k in known), default=0)
+
+  def one(kp, x):
+    names, shape = _key_names(kp), tuple(getattr(x, "shape", ()))
+    for n in range(min(longest, len(names)), 0, -1):
+      s = known.get(names[-n:])
+      if s is not None and len(s.spec) <= len(shape):
+        return NamedSharding(mesh, fit_spec(s.spec, shape, mesh))
+    return NamedSharding(mesh, P())
+  return jax.tree_util.tree_map_with_path(one, state)
+
+
+def shard_train_step(step: Callable, mesh: Mesh, *, base_shardings: Any,
+                     adapter_shardings: Any, state_shardings: Any,
+                     batch_sharding: NamedSharding | None = None, rules=None,
+                     donate: bool = True) -> Callable:
+  """Compiles a training step with explicit shardings for every argument.
+
+  ``step(adapter, opt_state, base, batch, rng) -> (adapter, opt_state, metrics)``
+  is the *un-jitted* step (``jlora.train.make_train_step(..., jit=False)``).
+  The result is ``jax.jit`` of it with ``in_shardings``/``out_shardings``
+  pinned — adapter and optimizer state keep their shardings from step to
+  step, the base stays where it is (never donated), the batch is split over
+  the batch axes and metrics come back replicated — and the adapter's and
+  state's buffers donated. It traces under ``jax.set_mesh(mesh)`` and
+  ``nn.logical_axis_rules(rules)``, so a model's
+  ``nn.with_logical_constraint`` on activations takes effect.
+
+  Args:
+    step: the un-jitted step function.
+    mesh: the device mesh.
+    base_shardings: shardings of the base tree (:func:`param_shardings`, with
+      :func:`quantized_shardings` for a quantized base).
+    adapter_shardings: :func:`adapter_shardings`.
+    state_shardings: :func:`state_shardings` of the optimizer state.
+    batch_sharding: one sharding for every batch leaf (default: the batch
+      axis over the "batch" rule's mesh axes, the rest replicated); the batch
+      size must divide evenly.
+    rules: logical axis rules (:data:`DEFAULT_RULES`).
+    donate: donate the adapter's and optimizer state's buffers.
+
+  Returns:
+    ``sharded_step(adapter, opt_state, base, batch, rng=None)``; its
+    ``.lower(...)`` (same arguments) lowers it for inspection.
+
+  Example:
+    >>> step = shard_train_step(make_train_step(loss_fn, opt, jit=False), mesh,
+    ...     base_shardings=base_sh, adapter_shardings=ad_sh,
+    ...     state_shardings=state_shardings(opt_state, ad_sh))   # doctest: +SKIP
+    >>> adapter, opt_state, metrics = step(adapter, opt_state, base, batch)  # doctest: +SKIP
+  """
+  rules = DEFAULT_RULES if rules is None else rules
+  rep = NamedSharding(mesh, P())
+  batch_sharding = batch_sharding or NamedSharding(mesh, _batch_spec(rules, 1))
+  jitted = jax.jit(
+      step,
+      in_shardings=(adapter_shardings, state_shardings, base_shardings, batch_sharding, rep),
+      out_shardings=(adapter_shardings, state_shardings, rep),
+      donate_argnums=(0, 1) if donate else ())
+
+  def sharded_step(adapter, opt_state, base, batch, rng=None):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted(adapter, opt_state, base, batch, rng)
+
+  def lower(adapter, opt_state, base, batch, rng=None):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted.lower(adapter, opt_state, base, batch, rng)
+  sharded_step.lower = lower
+  return sharded_step
