@@ -233,3 +233,39 @@ def test_shard_train_step_matches_unsharded(rng):
   assert st1[0].mu["d"]["kernel"].b.sharding.spec == P(None, "tensor")
   hlo = step.lower(ad1, st1, base, batch).as_text()
   assert "sharding_constraint" in hlo     # the model's logical constraint took effect
+
+
+# ---- generation ---------------------------------------------------------------
+
+def test_greedy_decode_and_shard_generate_match_numpy_loop(rng):
+  """A toy causal LM (prefix sums of embeddings, LoRA head): decode == NumPy loop."""
+  vocab, dim = 16, 8
+  base = {"emb": jnp.asarray(rng.standard_normal((vocab, dim)), jnp.float32),
+          "head": {"kernel": jnp.asarray(rng.standard_normal((dim, vocab)), jnp.float32)}}
+  ad = {"head": {"kernel": _lora(rng, (dim, vocab), (0,), (1,), rank=2)}}
+
+  def logits_fn(base, ad, ids):
+    h = jnp.cumsum(base["emb"][ids], axis=1)          # causal: t sees <= t
+    lo = ad["head"]["kernel"]
+    return h @ base["head"]["kernel"] + lo.scale * (h @ lo.a) @ lo.b
+
+  prompt = rng.integers(0, vocab, (8, 3)).astype(np.int32)
+  w = (np.asarray(base["head"]["kernel"], np.float64) + ad["head"]["kernel"].scale
+       * np.asarray(ad["head"]["kernel"].a, np.float64) @ np.asarray(ad["head"]["kernel"].b))
+  ids = prompt.astype(np.int64)
+  for _ in range(4):
+    h = np.cumsum(np.asarray(base["emb"], np.float64)[ids], axis=1)
+    ids = np.concatenate([ids, np.argmax(h[:, -1] @ w, -1)[:, None]], axis=1)
+
+  got = S.greedy_decode(logits_fn, base, ad, jnp.asarray(prompt), 4)
+  np.testing.assert_array_equal(np.asarray(got), ids)
+  mesh = S.make_mesh(data=2, fsdp=2, tensor=2)
+  base_sh = {"emb": NamedSharding(mesh, P("tensor", "fsdp")),
+             "head": {"kernel": NamedSharding(mesh, P("fsdp", "tensor"))}}
+  gen = S.shard_generate(logits_fn, mesh, base_shardings=base_sh,
+                         adapter_shardings=S.adapter_shardings(ad, base_sh), max_new_tokens=4)
+  out = gen(base, ad, S.shard_batch(prompt, mesh))
+  np.testing.assert_array_equal(np.asarray(out), ids)
+  assert out.sharding.spec == P(("data", "fsdp"), None)
+  with pytest.raises(ValueError, match="integer ids"):
+    S.greedy_decode(logits_fn, base, ad, jnp.ones((2, 3)), 4)
