@@ -249,6 +249,32 @@ def adapter_shardings(adapter: Any, base_shardings: Any, mesh: Mesh | None = Non
   return paths.map_with_path(one, adapter)
 
 
+def place(tree: Any, shardings: Any) -> Any:
+  """Puts a tree of host values onto the mesh with ``shardings`` (one host or many).
+
+  Each leaf is given to every process in full (the same value everywhere,
+  e.g. from the same seed or file); each process copies only the shards its
+  own devices hold (``jax.make_array_from_callback``), so this works across
+  hosts where a plain ``jax.device_put`` of a global value may not. For
+  models too large for one host's memory, initialise under
+  ``jax.jit(init, out_shardings=...)`` or restore sharded instead.
+
+  Args:
+    tree: arrays (jax or NumPy); may hold LoRA / QArray nodes.
+    shardings: a tree of ``NamedSharding``s of the same structure.
+
+  Example:
+    >>> mesh = make_mesh(tensor=8)
+    >>> x = place({"w": np.ones((4, 16))}, {"w": NamedSharding(mesh, P(None, "tensor"))})
+    >>> x["w"].sharding.spec
+    PartitionSpec(None, 'tensor')
+  """
+  def one(x, sharding):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+  return jax.tree.map(one, tree, shardings)
+
+
 def batch_sharding(mesh: Mesh, rules=None, ndim: int = 2) -> NamedSharding:
   """Sharding of a ``[batch, ...]`` input: the batch over the "batch" rule's mesh axes.
 
