@@ -1,0 +1,148 @@
+"""Saving and restoring adapters and (quantized) base trees with orbax-checkpoint.
+
+A checkpoint is a directory that describes itself, so :func:`restore` needs
+no template::
+
+  path/
+    jlora.json   the tree as JSON: its containers (dict, list, tuple, None,
+                 Python scalars); for each jlora node (``LoRA``, ``QArray``)
+                 its class name and static fields; for each array its index,
+                 shape, dtype and CRC-32
+    arrays/      the arrays, a flat dict {"0": ..., "1": ...} written by orbax
+
+Loading reads JSON and array bytes only: nothing is unpickled and no class is
+looked up by a name read from disk, only in jlora's own list of node classes.
+
+A save is atomic: everything is written into a temporary directory beside
+``path`` (``.<name>.jlora-tmp-*``), which replaces ``path`` only once it is
+complete (with one ``renameat2(RENAME_EXCHANGE)`` on Linux), so the previous
+checkpoint stays readable until then and survives a failed or killed save.
+An interrupted save leaves its temporary directory behind; it is safe to
+delete. Local file systems, one process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable
+
+import jax
+
+from jlora.checkpoint import arrays as A
+from jlora.checkpoint import files as F
+from jlora.checkpoint import tree_json as T
+from jlora.checkpoint.tree_json import register_node
+
+__all__ = ["save", "restore", "register_node"]
+
+
+def _corrupted(directory: str, err: Exception) -> ValueError:
+  return ValueError(f"corrupted jlora checkpoint at {directory!r}: {F.MANIFEST} {err}")
+
+
+def save(path, tree: Any, *, overwrite: bool = True) -> None:
+  """Saves an adapter or a (quantized) base tree to the directory ``path``.
+
+  ``tree`` is a nested dict/list/tuple (``FrozenDict`` comes back as a dict)
+  of arrays (any dtype: float32, bfloat16, uint8, int8, ...), ``None``,
+  Python scalars and jlora nodes (``LoRA``, ``QArray``), whose static
+  metadata is saved with them. Arrays keep their dtype and bytes exactly.
+
+  The save is atomic: it is written beside ``path`` and swapped in only when
+  complete; a checkpoint already at ``path`` stays readable until then, and
+  is left intact if the save fails or is killed.
+
+  Args:
+    path: a directory on a local file system (created; its parent too).
+    tree: the tree to save, e.g. an adapter ``{"q_proj": {"kernel": LoRA}}``
+      with ``a: [*stack, *in_dims, r]``, ``b: [*stack, r, *out_dims]``.
+    overwrite: replace an existing checkpoint at ``path`` (else ValueError).
+      A directory that is not a jlora checkpoint is never replaced.
+
+  Raises:
+    TypeError: a leaf jlora cannot save (e.g. an NNX Variable, a PRNG key).
+    ValueError: ``path`` exists and may not be replaced.
+
+  Example:
+    >>> import jax.numpy as jnp, jlora
+    >>> lora = jlora.LoRA(a=jnp.ones((16, 4)), b=jnp.zeros((4, 8)), alpha=8.0, rank=4)
+    >>> jlora.save("/tmp/my_adapter", {"q_proj": {"kernel": lora}})
+    >>> jlora.restore("/tmp/my_adapter")["q_proj"]["kernel"].scale
+    2.0
+  """
+  if jax.process_count() > 1:
+    raise NotImplementedError("jlora.save writes from one process; multi-host saving is not "
+                              "supported yet")
+  target = F.local_path(path)
+  F.check_replaceable(target, overwrite)
+  arrays: list = []
+  manifest = {"format": F.FORMAT, "version": F.VERSION, "tree": T.encode(tree, "", arrays)}
+  text = json.dumps(manifest, indent=1)
+  parent, name = os.path.split(target)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{name}.jlora-tmp-", dir=parent)
+  try:
+    if arrays:
+      A.write_arrays(os.path.join(tmp, F.ARRAYS), arrays)
+    F.write_text(os.path.join(tmp, F.MANIFEST), text)
+    F.fsync_dir(tmp)
+    F.replace(tmp, target)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def restore(path, *, target: Any = None,
+            shardings: Any | Callable[[str], Any] = None, verify: bool = True) -> Any:
+  """Restores a tree saved by :func:`save`; no template is needed.
+
+  Containers come back as they were saved (dicts, lists, tuples, None),
+  arrays as ``jax.Array`` with their saved dtype and bytes, and ``LoRA`` /
+  ``QArray`` nodes with their static metadata.
+
+  Args:
+    path: the checkpoint directory.
+    target: optional template of the same tree (arrays or
+      ``jax.ShapeDtypeStruct``, in any containers, e.g. ``FrozenDict``): the
+      checkpoint must have the same paths, shapes, dtypes and node metadata
+      (else ValueError naming the first mismatch); the result takes the
+      target's containers, and arrays go onto the target leaves' shardings
+      unless ``shardings`` is given.
+    shardings: where arrays go: a ``jax.sharding.Sharding`` for all of them, a
+      pytree of shardings matching the tree (a ``LoRA`` node's arrays are
+      its ``a``/``b``/``magnitude``), or a callable ``path -> Sharding | None``
+      taking array paths like ``"q_proj/kernel/a"``. None: the first local
+      device. Arrays are read straight onto their shardings.
+    verify: check each array's CRC-32 (arrays whose shards all live in this
+      process); costs one pass over the bytes on the host.
+
+  Raises:
+    ValueError: ``path`` is missing, not a jlora checkpoint (an empty or
+      foreign directory, an orbax checkpoint jlora did not write), or
+      corrupted (garbled metadata, missing or damaged array data); or it does
+      not match ``target``/``shardings``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> jlora.save("/tmp/base", {"dense": {"kernel": jnp.ones((16, 8), jnp.bfloat16)}})
+    >>> mesh = jax.sharding.Mesh(jax.devices()[:2], ("x",))
+    >>> rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+    >>> base = jlora.restore("/tmp/base", shardings=lambda path: rows)
+    >>> base["dense"]["kernel"].sharding == rows
+    True
+  """
+  directory = F.local_path(path)
+  try:
+    skeleton, specs = T.parse_tree(F.read_manifest(directory)["tree"])
+  except (T.BadMetadata, KeyError) as err:
+    raise _corrupted(directory, err) from None
+  if target is not None:
+    A.check_target(directory, specs, target)
+  arrays = A.read_arrays(directory, specs, A.placements(specs, shardings, target), verify)
+  try:
+    tree = T.build(skeleton, arrays)
+  except T.BadMetadata as err:
+    raise _corrupted(directory, err) from None
+  return tree if target is None else A.like(target, tree, directory)
