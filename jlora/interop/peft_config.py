@@ -1,0 +1,199 @@
+"""PEFT's ``adapter_config.json``: validation and PEFT's matching rules.
+
+PEFT names modules with "."-joined Hugging Face names relative to the base
+model (``model.layers.0.self_attn.q_proj``, ``lm_head``). The rules here are
+PEFT's own, applied to those names:
+
+- ``target_modules`` as a list matches a module whose name equals an entry or
+  ends with ``"." + entry``; as a string it is a regex that must match the
+  whole name ("all-linear" is PEFT's shorthand for every Linear but the head);
+- ``exclude_modules`` likewise removes modules;
+- a ``rank_pattern`` / ``alpha_pattern`` key matches a name when
+  ``re.match(rf"(.*\\.)?({key})$", name)`` does; the first such key wins.
+
+Fields that change numbers and that jlora does not implement are rejected by
+name; fields that only describe training or provenance are accepted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Iterable, Mapping
+
+CONFIG_NAME = "adapter_config.json"
+ALL_LINEAR = "all-linear"
+
+# Fields that jlora maps onto its LoraConfig (or uses to check the file).
+SUPPORTED = (
+    "r", "lora_alpha", "target_modules", "exclude_modules", "use_rslora", "use_dora",
+    "rank_pattern", "alpha_pattern", "lora_dropout", "init_lora_weights",
+)
+# Fields that describe provenance or training only; they do not change the
+# numbers an adapter computes.
+INFORMATIONAL = (
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+    "revision", "inference_mode", "megatron_core", "qalora_group_size", "loftq_config",
+    "eva_config", "corda_config", "lora_ga_config", "runtime_config",
+)
+# Fields that change numbers and that jlora does not implement: each must hold
+# its PEFT default (None, False, empty); "bias" must be "none".
+MUST_BE_DEFAULT = {
+    "fan_in_fan_out": "transposed (GPT-2 Conv1D) base weights",
+    "bias": "trained biases",
+    "lora_bias": "a bias on lora_B",
+    "modules_to_save": "fully trained copies of modules",
+    "layers_to_transform": "adapting only some layer indices",
+    "layers_pattern": "adapting only some layer indices",
+    "layer_replication": "replicated layers",
+    "megatron_config": "Megatron parallel layers",
+    "trainable_token_indices": "trainable token embeddings",
+    "target_parameters": "adapting nn.Parameters directly (MoE experts)",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_qalora": "QALoRA",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "ensure_weight_tying": "tied adapters on tied weights",
+}
+# init_lora_weights values: those that only draw the initial A and B (no
+# effect on a trained adapter), and those that rewrite the base weights or
+# change the forward pass.
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def read(directory: str | os.PathLike) -> dict:
+  """Reads and validates ``<directory>/adapter_config.json``.
+
+  Raises:
+    FileNotFoundError: no config in ``directory``.
+    ValueError: malformed JSON, or a field jlora does not support (named).
+
+  Example:
+    >>> read("my_peft_adapter")["r"]   # doctest: +SKIP
+    8
+  """
+  path = os.path.join(os.fspath(directory), CONFIG_NAME)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}: not a PEFT adapter directory")
+  try:
+    with open(path, encoding="utf-8") as f:
+      d = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(d, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+  validate(d, path)
+  return d
+
+
+def _unset(v: Any) -> bool:
+  return v is None or v is False or (isinstance(v, (list, dict, str, tuple)) and len(v) == 0)
+
+
+def validate(d: Mapping[str, Any], where: str = CONFIG_NAME) -> None:
+  """Raises a ValueError naming every field of ``d`` that jlora cannot honour."""
+  bad = []
+  if d.get("peft_type", "LORA") != "LORA":
+    bad.append(f"peft_type={d['peft_type']!r} (only LORA adapters are supported)")
+  for name, what in MUST_BE_DEFAULT.items():
+    v = d.get(name)
+    if name == "bias":
+      if v not in (None, "none"):
+        bad.append(f"bias={v!r} ({what}; only 'none' is supported)")
+    elif name == "layers_pattern":
+      if not _unset(v) and not _unset(d.get("layers_to_transform")):
+        bad.append(f"layers_pattern={v!r} ({what})")
+    elif not _unset(v):
+      bad.append(f"{name}={v!r} ({what})")
+  init = d.get("init_lora_weights", True)
+  if init not in PLAIN_INITS:
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+      bad.append(f"init_lora_weights={init!r} (this init rewrites the base weights, so the adapter "
+                 "only fits PEFT's residual base; convert it to plain LoRA with PEFT's "
+                 "save_pretrained(..., path_initial_model_for_weight_conversion=...) first)")
+    else:
+      bad.append(f"init_lora_weights={init!r} (a LoRA variant jlora does not implement)")
+  known = set(SUPPORTED) | set(INFORMATIONAL) | set(MUST_BE_DEFAULT)
+  for name in sorted(set(d) - known):
+    if not _unset(d[name]):
+      bad.append(f"{name}={d[name]!r} (a field jlora does not know)")
+  bad += _check_values(d)
+  if bad:
+    raise ValueError(f"{where}: unsupported PEFT adapter settings: " + "; ".join(bad))
+
+
+def _check_values(d: Mapping[str, Any]) -> list[str]:
+  bad = []
+  r = d.get("r", 8)
+  if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+    bad.append(f"r={r!r} (must be a positive int)")
+  tm = d.get("target_modules")
+  if tm is None or (not isinstance(tm, str) and not _is_str_list(tm)):
+    bad.append(f"target_modules={tm!r} (must be a list of module names or a regex string)")
+  em = d.get("exclude_modules")
+  if em is not None and not isinstance(em, str) and not _is_str_list(em):
+    bad.append(f"exclude_modules={em!r} (must be a list of module names or a regex string)")
+  for field in ("rank_pattern", "alpha_pattern"):
+    pat = d.get(field) or {}
+    if not isinstance(pat, dict):
+      bad.append(f"{field}={pat!r} (must be a mapping)")
+      continue
+    for key in pat:
+      try:
+        re.compile(key)
+      except re.error as e:
+        bad.append(f"{field} key {key!r} does not compile ({e})")
+  return bad
+
+
+def _is_str_list(x) -> bool:
+  return isinstance(x, (list, tuple)) and all(isinstance(s, str) for s in x)
+
+
+def is_targeted(d: Mapping[str, Any], name: str, linear: bool, head: bool) -> bool:
+  """PEFT's rule: is module ``name`` (HF naming) adapted by config ``d``?
+
+  ``linear``: the module is a Linear layer (for "all-linear"); ``head``: it is
+  the output head (which "all-linear" leaves out).
+  """
+  em = d.get("exclude_modules")
+  if em and _name_matches(em, name):
+    return False
+  tm = d["target_modules"]
+  if isinstance(tm, str) and tm.lower() == ALL_LINEAR:
+    return linear and not head
+  return _name_matches(tm, name)
+
+
+def _name_matches(spec: str | Iterable[str], name: str) -> bool:
+  if isinstance(spec, str):
+    return re.fullmatch(spec, name) is not None
+  return any(name == s or name.endswith("." + s) for s in spec)
+
+
+def unused_targets(d: Mapping[str, Any], names: Iterable[str]) -> list[str]:
+  """Entries of a list ``target_modules`` that match none of ``names``."""
+  tm = d["target_modules"]
+  if isinstance(tm, str):
+    return [] if tm.lower() == ALL_LINEAR or any(_name_matches(tm, n) for n in names) else [tm]
+  names = list(names)
+  return [s for s in tm if not any(_name_matches([s], n) for n in names)]
+
+
+def pattern_value(pattern: Mapping[str, Any] | None, name: str, default):
+  """PEFT's ``get_pattern_key``: the value of the first key matching ``name``."""
+  for key, value in (pattern or {}).items():
+    if re.match(rf"(.*\.)?({key})$", name):
+      return value
+  return default
+
+
+def rank_alpha(d: Mapping[str, Any], name: str) -> tuple[int, float]:
+  """``(r, lora_alpha)`` of module ``name`` under config ``d`` (PEFT's rule)."""
+  r = pattern_value(d.get("rank_pattern"), name, d.get("r", 8))
+  alpha = pattern_value(d.get("alpha_pattern"), name, d.get("lora_alpha", 8))
+  return int(r), float(alpha)
