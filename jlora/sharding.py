@@ -20,6 +20,7 @@ A dimension that a mesh axis does not divide evenly is replicated instead
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Sequence
 
@@ -247,6 +248,91 @@ def adapter_shardings(adapter: Any, base_shardings: Any, mesh: Mesh | None = Non
       raise ValueError(f"adapter path {path!r} has no sharding in base_shardings")
     return lora_shardings(lo, flat[path], mesh, path)
   return paths.map_with_path(one, adapter)
+
+
+def _axes_tuple(axes) -> tuple[str, ...]:
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def qarray_shardings(q: Any, kernel: NamedSharding, path: str = "weight") -> Any:
+  """Shardings of a ``QArray``'s codes and scales, consistent with its kernel's sharding.
+
+  ``q`` stores a kernel ``[*lead, in, out]`` as blocks of the PyTorch layout
+  ``[out, in]`` flattened row-major: ``codes: [*lead, nb, ...]``,
+  ``scales: [*lead, nb]``. The rule:
+
+  * leading (stacked-layer) axes keep the kernel's specs;
+  * the block axis is split over the kernel's *output* mesh axes, then its
+    *input* mesh axes. Blocks run output feature by output feature, so when
+    only the outputs are split (tensor parallelism) and ``in`` is a multiple
+    of ``block_size``, each device holds exactly the blocks of its own output
+    columns and dequantizing is local. An input split (FSDP) divides the
+    blocks further: storage stays fully sharded and the weight is gathered
+    where it is used, like any FSDP weight;
+  * if the block count is not divisible by all those devices, the output
+    axes alone are tried, then the blocks are replicated;
+  * double-quantization statistics (``nested_scales``, ``offset``) are tiny
+    and replicated (apart from the leading axes).
+
+  Returns:
+    A QArray of the same static metadata whose children are ``NamedSharding``s.
+
+  Example:
+    >>> q = jlora.quantize_array(jnp.ones((64, 256)), "nf4")    # doctest: +SKIP
+    >>> qarray_shardings(q, NamedSharding(mesh, P("fsdp", "tensor"))).codes.spec  # doctest: +SKIP
+    PartitionSpec(('tensor', 'fsdp'), None)
+  """
+  if not isinstance(kernel, NamedSharding):
+    raise TypeError(f"sharding of the quantized weight at {path!r} must be a NamedSharding, "
+                    f"got {type(kernel).__name__}")
+  mesh, spec = kernel.mesh, tuple(kernel.spec)
+  if len(spec) > len(q.shape):
+    raise ValueError(f"quantized weight at {path!r} is {list(q.shape)} but its sharding "
+                     f"{kernel.spec} has {len(spec)} entries")
+  spec = spec + (None,) * (len(q.shape) - len(spec))
+  n_lead = len(q.shape) - 2
+  lead, rows, cols = spec[:n_lead], spec[n_lead], spec[n_lead + 1]
+  n_blocks = q.scales.shape[n_lead]
+  block_axes = None
+  for axes in (_axes_tuple(cols) + _axes_tuple(rows), _axes_tuple(cols)):
+    if axes and n_blocks % _axis_size(mesh, axes) == 0:
+      block_axes = axes if len(axes) > 1 else axes[0]
+      break
+  named = lambda *axes: NamedSharding(mesh, P(*axes))
+  trailing = (None,) * (q.codes.ndim - n_lead - 1)
+  out = dict(codes=named(*lead, block_axes, *trailing), scales=named(*lead, block_axes))
+  if getattr(q, "nested_scales", None) is not None:
+    out["nested_scales"] = named(*lead, None)
+  if getattr(q, "offset", None) is not None:
+    out["offset"] = named(*lead)
+  return q.replace(**out) if hasattr(q, "replace") else dataclasses.replace(q, **out)
+
+
+def quantized_shardings(qparams: Any, shardings: Any) -> Any:
+  """Shardings for a quantized base: ``shardings`` with each QArray's own (see above).
+
+  Args:
+    qparams: the base after ``jlora.quantize`` (QArray nodes at some paths).
+    shardings: the unquantized base's shardings (:func:`param_shardings`).
+
+  Returns:
+    A tree matching ``qparams``: a QArray of ``NamedSharding``s (by
+    :func:`qarray_shardings`) at every quantized path, the given sharding elsewhere.
+
+  Example:
+    >>> qsh = quantized_shardings(jlora.quantize(params), param_shardings(boxed, mesh))  # doctest: +SKIP
+  """
+  flat = paths.flatten(shardings, is_leaf=_is_sharding_leaf)
+
+  def one(path, x):
+    if path not in flat:
+      raise ValueError(f"quantized base path {path!r} has no sharding in shardings")
+    if paths.is_node(x) and hasattr(x, "scales"):
+      return qarray_shardings(x, flat[path], path)
+    return flat[path]
+  return paths.map_with_path(one, qparams)
 
 
 def place(tree: Any, shardings: Any) -> Any:
