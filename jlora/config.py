@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from typing import Mapping, Sequence
 
@@ -50,8 +51,9 @@ class LoraConfig:
     use_rslora: scale by ``alpha / sqrt(r)`` (rsLoRA).
     use_dora: weight-decomposed LoRA (DoRA), PEFT's formulation.
     init: "default" (A Kaiming-uniform as PEFT, B zero), "gaussian"
-      (A ~ N(0, 1/r), B zero), "pissa" (A, B from the top-r SVD of W; train
-      against the residual base ``unmerge(params, adapter)``) or "zeros".
+      (A ~ N(0, std=1/r), B zero; embeddings: A zero, B ~ N(0, 1) for both,
+      as PEFT), "pissa" (A, B from the top-r SVD of W; train against the
+      residual base ``unmerge(params, adapter)``) or "zeros".
     rank_pattern / alpha_pattern: per-module overrides; a key matches a module
       path when ``re.match(rf"(.*/)?({key})$", module_path)`` does (PEFT's rule
       with "/" for "."); the first matching key wins.
@@ -93,11 +95,23 @@ class LoraConfig:
     if isinstance(self.exclude, str):
       _compile(self.exclude, "exclude")
 
+  def __hash__(self):
+    # hashable although patterns are dicts and targets may be a list, so a
+    # config can be a static argument of jax.jit.
+    return hash(tuple((f.name, _frozen(getattr(self, f.name))) for f in dataclasses.fields(self)))
+
   def scale(self, rank: int, alpha: float) -> float:
+    """``alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``)."""
     return scale_of(rank, alpha, self.use_rslora)
 
   def resolve(self, param_path: str) -> tuple[int, float]:
-    """Returns ``(rank, alpha)`` for the parameter at ``param_path``."""
+    """Returns ``(rank, alpha)`` for the parameter at ``param_path``.
+
+    Example:
+      >>> cfg = LoraConfig(rank=8, alpha=16, rank_pattern={"layers_1/.*": 4})
+      >>> cfg.resolve("layers_1/attn/q_proj/kernel"), cfg.resolve("layers_0/mlp/kernel")
+      ((4, 16.0), (8, 16.0))
+    """
     mod = paths.module_path(param_path)
     rank, alpha = self.rank, float(self.alpha)
     for key, r in self.rank_pattern.items():
@@ -116,6 +130,11 @@ class LoraConfig:
     ``kind`` is the layer kind learnt by tracing ("dense", "embed", "conv",
     "einsum") or None when unknown; :data:`ALL_LINEAR` needs "dense"/"einsum"
     (or, with no trace, a 2-D ``kernel``).
+
+    Example:
+      >>> cfg = LoraConfig(targets=["q_proj"])
+      >>> cfg.matches("attn/q_proj/kernel", 2), cfg.matches("attn/q_proj/bias", 1)
+      (True, False)
     """
     if ndim < 2:
       return False
@@ -143,15 +162,28 @@ def _match(spec, mod: str, param_path: str) -> bool:
 
 
 def scale_of(rank: int, alpha: float, use_rslora: bool) -> float:
-  """LoRA scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (PEFT)."""
+  """LoRA scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (PEFT).
+
+  Example:
+    >>> scale_of(16, 32, False), scale_of(16, 32, True)
+    (2.0, 8.0)
+  """
   return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
 
 
+def _frozen(x):
+  if isinstance(x, Mapping):
+    return tuple((k, _frozen(v)) for k, v in x.items())
+  if isinstance(x, (list, tuple)):
+    return tuple(_frozen(v) for v in x)
+  return x
+
+
 def _check_rank(r, what):
-  if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+  if not isinstance(r, numbers.Integral) or isinstance(r, bool) or r <= 0:
     raise ValueError(f"LoraConfig.{what} must be a positive int, got {r!r}")
 
 
 def _check_alpha(a, what):
-  if not isinstance(a, (int, float)) or isinstance(a, bool) or not a > 0:
+  if not isinstance(a, numbers.Real) or isinstance(a, bool) or not a > 0:
     raise ValueError(f"LoraConfig.{what} must be positive, got {a!r}")

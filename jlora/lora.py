@@ -110,6 +110,10 @@ def kernel_axes(shape: Sequence[int], kind: str, stack: int = 0) -> tuple[tuple[
   dense/embed: first axis in, the rest out (Flax ``Dense``/``DenseGeneral``
   with one contracting axis, ``Embed`` ``[vocab, dim]``); conv: all but the
   last axis in (``[*window, cin, cout]``).
+
+  Example:
+    >>> kernel_axes((3, 3, 8, 16), "conv")
+    ((0, 1, 2), (3,))
   """
   n = len(shape) - stack
   if kind == "conv":
@@ -134,10 +138,32 @@ def init(key: jax.Array, weight: jax.Array, *, rank: int, alpha: float, kind: st
          dropout: float = 0.0, dtype=jnp.float32, path: str = "weight") -> LoRA:
   """Initialises a LoRA for ``weight`` (``[*stack, *kernel]``).
 
-  Inits (PEFT's): "default": A Kaiming-uniform(a=√5), i.e. U(±1/√fan_in) with
-  fan_in = ∏in_dims, and B = 0 (for embeddings the other way round: A = 0,
-  B ~ N(0, 1)); "gaussian": A ~ N(0, 1/r), B = 0; "pissa": A and B from the
-  top-r SVD of W so that ``W - scale·a@b`` is the residual; "zeros": both 0.
+  Inits follow PEFT: "default": A Kaiming-uniform(a=√5), i.e. U(±1/√fan_in)
+  with fan_in = ∏in_dims, and B = 0; "gaussian": A ~ N(0, std=1/r), B = 0.
+  For embeddings (``kind="embed"``) both are the other way round, as PEFT's
+  ``lora_embedding_A/B``: A = 0, B ~ N(0, 1). "pissa": A and B from the top-r
+  SVD of the kernel viewed as ``[in, out]`` (PEFT's ``pissa_init`` in our
+  layout: ``a = lora_A.T``, ``b = lora_B.T``), so that ``W - scale·a@b`` is the
+  residual base to train against (PEFT applies PiSSA to Linear layers only and
+  falls back to its default for embeddings; jlora applies it to any kind).
+  "zeros": both 0. With ``use_dora`` the magnitude is ``‖W_base + scale·a@b‖``
+  per output feature, where ``W_base`` is the base trained against (for PiSSA
+  the residual, so the magnitude is ``‖W‖``), as PEFT.
+
+  Args:
+    key: PRNG key.
+    weight: the base kernel ``[*stack, *kernel]`` (only its shape is read,
+      except for "pissa" and DoRA).
+    rank: ``r``; at most ``min(∏in_dims, ∏out_dims)``.
+    alpha: scaling numerator (positive).
+    kind: how the layer uses the weight, one of :data:`KINDS`.
+    in_axes / out_axes: grouping of the per-layer kernel axes (default by
+      kind, see :func:`kernel_axes`).
+    stack: number of leading stacked-layer axes of ``weight``.
+    init: "default", "gaussian", "pissa" or "zeros".
+    use_dora / rslora / dropout: as :class:`LoRA`.
+    dtype: dtype of ``a``, ``b`` and ``magnitude``.
+    path: the parameter path, used in error messages.
 
   Example:
     >>> w = jnp.ones((16, 32))
@@ -147,6 +173,11 @@ def init(key: jax.Array, weight: jax.Array, *, rank: int, alpha: float, kind: st
   """
   if kind not in KINDS:
     raise ValueError(f"{path}: unknown layer kind {kind!r}; expected one of {KINDS}")
+  if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank <= 0:
+    raise ValueError(f"{path}: rank must be a positive int, got {rank!r}")
+  if not float(alpha) > 0:
+    raise ValueError(f"{path}: alpha must be positive, got {alpha!r}")
+  rank = int(rank)
   shape = tuple(weight.shape)
   if in_axes is None or out_axes is None:
     in_axes, out_axes = kernel_axes(shape, kind, stack)
@@ -167,7 +198,7 @@ def init(key: jax.Array, weight: jax.Array, *, rank: int, alpha: float, kind: st
     a, b = a.reshape(a_shape).astype(dtype), b.reshape(b_shape).astype(dtype)
   elif init == "zeros":
     a, b = jnp.zeros(a_shape, dtype), jnp.zeros(b_shape, dtype)
-  elif kind == "embed" and init == "default":
+  elif kind == "embed" and init in ("default", "gaussian"):
     a, b = jnp.zeros(a_shape, dtype), jax.random.normal(kb, b_shape, dtype)
   elif init == "default":
     bound = 1.0 / math.sqrt(n_in)
@@ -178,7 +209,10 @@ def init(key: jax.Array, weight: jax.Array, *, rank: int, alpha: float, kind: st
     raise ValueError(f"{path}: unknown init {init!r}")
   node = node.replace(a=a, b=b)
   if use_dora:
-    node = node.replace(magnitude=dora_norm(weight, node).astype(dtype))
+    # PEFT computes the magnitude after PiSSA has replaced W by the residual
+    # W - scale·a@b, so it is ‖residual + scale·a@b‖ = ‖W‖ there.
+    base = weight if init != "pissa" else unmerge_weight(weight, node, path)
+    node = node.replace(magnitude=dora_norm(base, node).astype(dtype))
   return node
 
 
@@ -192,7 +226,14 @@ def _pissa(w2: jax.Array, rank: int, scale: float):
 
 
 def as_matrix(weight: jax.Array, lora: LoRA) -> jax.Array:
-  """``weight [*stack, *kernel]`` as ``[*stack, ∏in_dims, ∏out_dims]``."""
+  """``weight [*stack, *kernel]`` as ``[*stack, ∏in_dims, ∏out_dims]``.
+
+  Example:
+    >>> w = jnp.zeros((4, 2, 3))   # DenseGeneral [in, heads, head_dim]
+    >>> lo = init(jax.random.key(0), w, rank=2, alpha=2)
+    >>> as_matrix(w, lo).shape
+    (4, 6)
+  """
   s = lora.stack
   perm = tuple(range(s)) + tuple(s + i for i in lora.in_axes + lora.out_axes)
   w = jnp.transpose(weight, perm)
@@ -201,7 +242,14 @@ def as_matrix(weight: jax.Array, lora: LoRA) -> jax.Array:
 
 
 def from_matrix(m: jax.Array, lora: LoRA) -> jax.Array:
-  """Inverse of :func:`as_matrix`: ``[*stack, in, out]`` back to the kernel layout."""
+  """Inverse of :func:`as_matrix`: ``[*stack, in, out]`` back to the kernel layout.
+
+  Example:
+    >>> w = jnp.arange(24.0).reshape(2, 3, 4)   # [heads, head_dim, out]
+    >>> lo = init(jax.random.key(0), w, rank=2, alpha=2, in_axes=(0, 1), out_axes=(2,))
+    >>> bool((from_matrix(as_matrix(w, lo), lo) == w).all())
+    True
+  """
   s = lora.stack
   m = m.reshape(m.shape[:s] + lora.in_dims + lora.out_dims)
   order = lora.in_axes + lora.out_axes
@@ -222,6 +270,13 @@ def delta(lora: LoRA, dtype=None) -> jax.Array:
   """The dense update ``ΔW = scale · a @ b`` in the base kernel's layout.
 
   Returns ``[*stack, *kernel]`` (e.g. ``[in, out]`` for a Dense kernel).
+
+  Example:
+    >>> lo = LoRA(a=jnp.ones((3, 1)), b=jnp.ones((1, 2)), alpha=2.0, rank=1)
+    >>> delta(lo)
+    Array([[2., 2.],
+           [2., 2.],
+           [2., 2.]], dtype=float32)
   """
   return from_matrix(delta_matrix(lora, dtype), lora)
 
@@ -235,20 +290,40 @@ def check_weight(weight_shape, lora: LoRA, path: str) -> None:
   if lora.a.shape[-1] != lora.b.shape[lora.stack]:
     raise ValueError(f"adapter at {path!r}: rank of a {list(lora.a.shape)} and b "
                      f"{list(lora.b.shape)} disagree")
+  want = lora.stack_dims + lora.out_dims
+  if lora.magnitude is not None and tuple(lora.magnitude.shape) != want:
+    raise ValueError(f"adapter at {path!r} has a DoRA magnitude of {list(lora.magnitude.shape)} "
+                     f"but the base weight {list(weight_shape)} needs {list(want)}")
 
 
 def dora_norm(weight: jax.Array, lora: LoRA) -> jax.Array:
   """``‖W + ΔW‖`` over the input axes, one per output feature: ``[*stack, *out_dims]``.
 
-  PEFT's DoRA weight norm (rows of the PyTorch ``[out, in]`` weight), computed
-  in float32.
+  PEFT's DoRA weight norm (rows of the PyTorch ``[out, in]`` weight; for an
+  embedding ``[vocab, dim]``, one norm per ``dim`` over the vocabulary, as
+  PEFT's ``fan_in_fan_out=True`` there; for a conv, one per output channel over
+  window and input channels), computed in float32.
+
+  Example:
+    >>> lo = LoRA(a=jnp.zeros((2, 1)), b=jnp.zeros((1, 2)))
+    >>> dora_norm(jnp.array([[3.0, 0.0], [4.0, 1.0]]), lo)
+    Array([5., 1.], dtype=float32)
   """
   w = as_matrix(weight.astype(jnp.float32), lora) + delta_matrix(lora, jnp.float32)
   return jnp.linalg.norm(w, axis=-2).reshape(lora.stack_dims + lora.out_dims)
 
 
 def merge_weight(weight: jax.Array, lora: LoRA) -> jax.Array:
-  """``W + ΔW`` (DoRA: ``m / ‖W + ΔW‖ · (W + ΔW)``), in ``weight``'s dtype."""
+  """``W + ΔW`` (DoRA: ``m / ‖W + ΔW‖ · (W + ΔW)``), in ``weight``'s dtype.
+
+  Computed in float32; ``weight: [*stack, *kernel]`` like ``lora.kernel_shape``.
+
+  Example:
+    >>> lo = LoRA(a=jnp.ones((2, 1)), b=jnp.ones((1, 3)), alpha=1.0, rank=1)
+    >>> merge_weight(jnp.zeros((2, 3)), lo)
+    Array([[1., 1., 1.],
+           [1., 1., 1.]], dtype=float32)
+  """
   w = weight.astype(jnp.float32)
   merged = as_matrix(w, lora) + delta_matrix(lora, jnp.float32)
   if lora.magnitude is not None:
@@ -265,6 +340,12 @@ def unmerge_weight(merged: jax.Array, lora: LoRA, path: str = "weight") -> jax.A
   column of ``merged`` is ``m · (W + ΔW) / ‖W + ΔW‖``, and the norm it was
   divided by is lost (PEFT keeps it in a cache). Unmerging a DoRA adapter
   therefore raises; keep the base tree instead.
+
+  Example:
+    >>> lo = LoRA(a=jnp.ones((2, 1)), b=jnp.ones((1, 3)), alpha=1.0, rank=1)
+    >>> unmerge_weight(merge_weight(jnp.ones((2, 3)), lo), lo)
+    Array([[1., 1., 1.],
+           [1., 1., 1.]], dtype=float32)
   """
   if lora.magnitude is not None:
     raise ValueError(f"{path}: a DoRA merge cannot be undone from the merged weight alone "

@@ -27,7 +27,12 @@ def _key_name(key) -> str | None:
 
 
 def path_str(keypath) -> str:
-  """Joins a JAX key path into "a/b/c", skipping NNX ``.value`` accessors."""
+  """Joins a JAX key path into "a/b/c", skipping NNX ``.value`` accessors.
+
+  Example:
+    >>> path_str((jax.tree_util.DictKey("layers"), jax.tree_util.SequenceKey(0)))
+    'layers/0'
+  """
   return SEP.join(n for n in map(_key_name, keypath) if n is not None)
 
 
@@ -41,8 +46,8 @@ def flatten(tree: Any, is_leaf: Callable[[Any], bool] | None = is_node) -> dict[
   """Returns ``{path: leaf}`` for every leaf of ``tree`` (jlora nodes are leaves).
 
   Example:
-    >>> flatten({"dense": {"kernel": 1, "bias": 2}})
-    {'dense/kernel': 1, 'dense/bias': 2}
+    >>> flatten({"dense": {"kernel": 1, "bias": 2}})   # dicts flatten in sorted key order
+    {'dense/bias': 2, 'dense/kernel': 1}
   """
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
   return {path_str(kp): leaf for kp, leaf in leaves}
@@ -50,13 +55,25 @@ def flatten(tree: Any, is_leaf: Callable[[Any], bool] | None = is_node) -> dict[
 
 def map_with_path(fn: Callable[[str, Any], Any], tree: Any,
                   is_leaf: Callable[[Any], bool] | None = is_node) -> Any:
-  """``jax.tree.map`` that also passes each leaf's "a/b/c" path to ``fn``."""
+  """``jax.tree.map`` that also passes each leaf's "a/b/c" path to ``fn``.
+
+  The result has ``tree``'s container types (dict, ``FrozenDict``, NNX ``State``).
+
+  Example:
+    >>> map_with_path(lambda p, x: p if x else x, {"a": {"b": 1, "c": 0}})
+    {'a': {'b': 'a/b', 'c': 0}}
+  """
   return jax.tree_util.tree_map_with_path(
       lambda kp, x: fn(path_str(kp), x), tree, is_leaf=is_leaf)
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict:
-  """Builds a nested dict from ``{path: leaf}`` (inverse of :func:`flatten` for dicts)."""
+  """Builds a nested dict from ``{path: leaf}`` (inverse of :func:`flatten` for dicts).
+
+  Example:
+    >>> unflatten({"dense/kernel": 1, "dense/bias": 2})
+    {'dense': {'kernel': 1, 'bias': 2}}
+  """
   out: dict = {}
   for path, leaf in flat.items():
     node = out
@@ -68,5 +85,10 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
 
 
 def module_path(param_path: str) -> str:
-  """The module part of a parameter path: ``"a/q_proj/kernel"`` -> ``"a/q_proj"``."""
+  """The module part of a parameter path: ``"a/q_proj/kernel"`` -> ``"a/q_proj"``.
+
+  Example:
+    >>> module_path("layers_0/attn/q_proj/kernel")
+    'layers_0/attn/q_proj'
+  """
   return param_path.rpartition(SEP)[0]
