@@ -7,11 +7,13 @@ any pytree of arrays (nested dict, ``FrozenDict``, NNX ``State``).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
+from jlora import combining as C
 from jlora import lora as L
 from jlora import paths
 from jlora.config import LoraConfig
@@ -165,6 +167,151 @@ def count_params(tree: Any) -> int:
   return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
-def combine(adapters, weights=None, method: str = "cat", **kwargs):
-  """Combines adapters into one (being built: see issue 2)."""
-  raise NotImplementedError("combine is being built")
+def combine(adapters, weights=None, method: str = "cat", *, rank: int | None = None,
+            density: float | None = None, key: jax.Array | None = None,
+            majority_sign_method: str = "total") -> dict:
+  """Combines several adapters of one base into one adapter.
+
+  Methods (``ΔW_i = scale_i · a_i @ b_i`` is adapter i's update of a weight):
+
+  - "cat" (exact): ranks concatenated, ``a = [a_1 … a_n]``, ``b = [w_1·scale_1·b_1;
+    …]``, so ΔW = Σ w_i ΔW_i exactly, whatever the alphas, ranks and rsLoRA
+    flags; rank Σ r_i. Same as PEFT's "cat".
+  - "linear" (PEFT-compatible, approximate): PEFT's ``add_weighted_adapter``
+    "linear": ``a = Σ sign(c_i)·sqrt|c_i|·a_i``, ``b = Σ sqrt|c_i|·b_i`` with
+    ``c_i = w_i·scale_i``; same rank required. The product carries cross terms
+    ``a_i b_j`` (i ≠ j), so ΔW is *not* the weighted sum. (For rsLoRA adapters
+    PEFT additionally scales its result by ``sqrt(r)``; jlora does not.)
+  - "svd": Σ w_i ΔW_i re-compressed to ``rank`` by truncated SVD (exact at full
+    rank ``min(in, out)``); PEFT's "svd".
+  - "ties": TIES-merging on ΔW: each ΔW_i keeps its top ``density`` fraction
+    by magnitude, a sign is elected per entry, agreeing weighted entries are
+    averaged; then SVD to ``rank`` (PEFT's "ties_svd").
+  - "dare": DARE on ΔW: random drop with keep-probability ``density`` and
+    rescale by ``1/density``, then Σ w_i ΔW_i and SVD (PEFT's "dare_linear_svd").
+  - "dare_ties": DARE's drop and rescale, then TIES' sign election and
+    disjoint merge, then SVD (PEFT's "dare_ties_svd").
+  - "magnitude_prune": top-``density`` magnitude pruning, Σ w_i ΔW_i, SVD
+    (PEFT's "magnitude_prune_svd").
+
+  The pruning methods act on each layer's ΔW (each layer of a stack on its
+  own); :mod:`jlora.combining` states the exact rules. Every result has scale 1
+  (``alpha = rank``, no rsLoRA), so it needs no knowledge of the inputs'
+  scales. Works under ``jax.jit`` with ``method``, ``rank``, ``density`` and
+  ``majority_sign_method`` static (``weights`` and ``key`` may be traced).
+
+  DoRA adapters are rejected: DoRA's merged weight ``m·(W+ΔW)/‖W+ΔW‖`` is not
+  linear in ΔW and needs the base, so no weighted combination of adapters is
+  defined by the adapters alone; merge them into the base with :func:`merge`
+  instead, or combine their LoRA parts (``lo.replace(magnitude=None)``).
+
+  Args:
+    adapters: a sequence of adapter trees with the same paths, kernel shapes
+      and axis groupings.
+    weights: one number per adapter (may be negative); default all 1 (the sum).
+    method: one of "cat", "linear", "svd", "ties", "dare", "dare_ties",
+      "magnitude_prune".
+    rank: result rank for the SVD-based methods (default: the largest input
+      rank at each path); at most ``min(∏in_dims, ∏out_dims)``.
+    density: fraction of entries kept, in ``[0, 1]`` (``(0, 1]`` for DARE);
+      required by the pruning methods.
+    key: PRNG key; required by "dare" and "dare_ties".
+    majority_sign_method: "total" (sign of the sum) or "frequency" (sign of
+      the count), for "ties" and "dare_ties".
+
+  Returns:
+    One adapter (nested dict) with the same paths: ``a: [*stack, *in_dims, R]``,
+    ``b: [*stack, R, *out_dims]``.
+
+  Example:
+    >>> p = {"d": {"kernel": jnp.ones((6, 4))}}
+    >>> cfg = LoraConfig(rank=2, targets=["d"], init="gaussian")
+    >>> ad1, ad2 = (scale(init_adapter(jax.random.key(i), p, cfg), 0.1) for i in (1, 2))
+    >>> both = combine([ad1, ad2], weights=[0.7, 0.3], method="cat")
+    >>> both["d"]["kernel"].a.shape
+    (6, 4)
+  """
+  flats, weights = _combine_args(adapters, weights, method, density, key, majority_sign_method)
+  out = {}
+  for path, first in flats[0].items():
+    los = [_same_layer(f, first, path, i) for i, f in enumerate(flats)]
+    if method == "cat":
+      out[path] = C.cat(los, weights)
+    elif method == "linear":
+      _check_same_rank(los, path)
+      out[path] = C.linear(los, weights)
+    else:
+      r = _combine_rank(los, rank, path)
+      k = None if key is None else jax.random.fold_in(key, _path_hash(path))
+      out[path] = C.recompress(los, weights, method, r, density=density, key=k,
+                               majority_sign_method=majority_sign_method)
+  return paths.unflatten(out)
+
+
+def _combine_args(adapters, weights, method, density, key, sign_method):
+  if method not in C.METHODS:
+    raise ValueError(f"combine: method must be one of {C.METHODS}, got {method!r}")
+  if isinstance(adapters, Mapping) or not isinstance(adapters, (list, tuple)) or not adapters:
+    raise TypeError("combine: adapters must be a non-empty list or tuple of adapter trees")
+  n = len(adapters)
+  if weights is None:
+    weights = [1.0] * n
+  if len(weights) != n:
+    raise ValueError(f"combine: {len(weights)} weights for {n} adapters")
+  if method in C.PRUNING:
+    lo_ok = 0 < density if method in C.RANDOM else 0 <= density if density is not None else False
+    if density is None or not (lo_ok and density <= 1):
+      raise ValueError(f"combine: method {method!r} needs density in "
+                       f"{'(0, 1]' if method in C.RANDOM else '[0, 1]'}, got {density!r}")
+  elif density is not None:
+    raise ValueError(f"combine: density is only used by {C.PRUNING}, not by {method!r}")
+  if method in C.RANDOM and key is None:
+    raise ValueError(f"combine: method {method!r} drops entries at random and needs key=")
+  if sign_method not in C.SIGN_METHODS:
+    raise ValueError(f"combine: majority_sign_method must be one of {C.SIGN_METHODS}, "
+                     f"got {sign_method!r}")
+  flats = [loras(ad) for ad in adapters]
+  for i, f in enumerate(flats[1:], 1):
+    extra = set(f) ^ set(flats[0])
+    if extra:
+      p = sorted(extra)[0]
+      which = "adapter 0" if p in flats[0] else f"adapter {i}"
+      other = f"adapter {i}" if p in flats[0] else "adapter 0"
+      raise ValueError(f"combine: path {p!r} is in {which} but not in {other}; all adapters "
+                       "must adapt the same paths")
+  return flats, jnp.asarray(weights, jnp.float32)
+
+
+def _same_layer(flat: dict, first: L.LoRA, path: str, i: int) -> L.LoRA:
+  lo = flat[path]
+  if lo.magnitude is not None:
+    raise ValueError(f"combine: adapter {i} at {path!r} is a DoRA adapter; DoRA's merged weight "
+                     "m·(W+ΔW)/‖W+ΔW‖ is not linear in ΔW, so no combination of adapters is "
+                     "defined without the base. Merge into the base with jlora.merge, or "
+                     "combine the LoRA parts (lo.replace(magnitude=None))")
+  same = (lo.kernel_shape, lo.in_axes, lo.out_axes, lo.stack)
+  want = (first.kernel_shape, first.in_axes, first.out_axes, first.stack)
+  if same != want:
+    raise ValueError(f"combine: adapter {i} at {path!r} adapts a kernel of "
+                     f"{list(lo.kernel_shape)} (in_axes {lo.in_axes}, out_axes {lo.out_axes}, "
+                     f"stack {lo.stack}) but adapter 0 one of {list(first.kernel_shape)} "
+                     f"(in_axes {first.in_axes}, out_axes {first.out_axes}, stack {first.stack})")
+  return lo
+
+
+def _check_same_rank(los, path):
+  ranks = [lo.a.shape[-1] for lo in los]
+  if len(set(ranks)) != 1:
+    raise ValueError(f"combine: method 'linear' needs the same rank in every adapter, but at "
+                     f"{path!r} the ranks are {ranks}; use 'cat' (exact) or 'svd'")
+
+
+def _combine_rank(los, rank, path):
+  lo = los[0]
+  full = min(math.prod(lo.in_dims), math.prod(lo.out_dims))
+  r = max(x.rank for x in los) if rank is None else rank
+  if not isinstance(r, int) or isinstance(r, bool) or not 0 < r <= full:
+    raise ValueError(f"combine: rank {r!r} at {path!r} must be a positive int of at most "
+                     f"{full} (the kernel {list(lo.kernel_shape)} is a "
+                     f"[{math.prod(lo.in_dims)}, {math.prod(lo.out_dims)}] matrix)")
+  return r
