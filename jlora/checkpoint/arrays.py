@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Mapping
 
 import jax
@@ -110,12 +111,24 @@ def read_arrays(directory: str, specs: list[ArraySpec], placements: list, verify
   try:
     out = ckpt.restore(arrays_dir, args=ocp.args.StandardRestore(abstract))
   except Exception as err:  # noqa: BLE001 (orbax and tensorstore raise many kinds)
-    first = (str(err).strip().splitlines() or [""])[0][:300]
-    raise ValueError(f"corrupted jlora checkpoint at {directory!r}: the arrays in {ARRAYS}/ "
-                     f"could not be read ({type(err).__name__}: {first})") from err
+    which, why = _unreadable(err, specs)
+    raise ValueError(f"corrupted jlora checkpoint at {directory!r}: {which} in {ARRAYS}/ "
+                     f"could not be read ({why})") from err
   finally:
     ckpt.close()
   return [_checked(directory, s, out, verify) for s in specs]
+
+
+def _unreadable(err: Exception, specs: list[ArraySpec]) -> tuple[str, str]:
+  """Which array orbax failed on (from tensorstore's key "<index>/...") and why."""
+  while err.__cause__ is not None:
+    err = err.__cause__
+  why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+  why = why.split(" See full TensorStore details")[0][:300]
+  key = re.search(r'"(\d+)/', why)
+  if key and int(key.group(1)) < len(specs):
+    return f"array {specs[int(key.group(1))].path!r}", why
+  return "the arrays", why
 
 
 def _checked(directory: str, spec: ArraySpec, out, verify: bool):

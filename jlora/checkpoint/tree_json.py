@@ -4,7 +4,7 @@
 reads the JSON back into a skeleton of :class:`ArraySpec` / :class:`NodeSpec`
 and :func:`build` fills the skeleton with the restored arrays. In the JSON,
 None, Python scalars and lists are themselves; everything else is a dict
-tagged by its first key: "array" (index, shape, dtype, CRC-32), "node"
+tagged by one key: "array" (index, shape, dtype, CRC-32), "node"
 (class name, static fields, children), "dtype", "dict" or "tuple".
 """
 from __future__ import annotations
@@ -45,6 +45,7 @@ class BadMetadata(Exception):
 
 
 def crc32(x) -> int | None:
+  """CRC-32 of an array's bytes (C order); None if its shards are not all local."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return None
   host = np.ascontiguousarray(np.asarray(x))
@@ -94,7 +95,7 @@ def encode(x, path: str, arrays: list | None):
   """JSON for ``x``; arrays are appended to ``arrays`` (None: static, no arrays).
 
   None, Python scalars and lists are themselves; everything else is a dict
-  tagged by its first key: "array", "node", "dtype", "dict" or "tuple".
+  tagged by one key: "array", "node", "dtype", "dict" or "tuple".
   """
   if isinstance(x, (jax.Array, np.ndarray, np.generic)):
     if arrays is None and isinstance(x, np.generic):

@@ -1,0 +1,353 @@
+"""jlora.save / jlora.restore: bit-exact round trips, atomic saves, clear errors, shardings."""
+import dataclasses
+import glob
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax.core import FrozenDict
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import jlora
+from jlora import checkpoint
+from jlora.lora import LoRA
+
+
+def _normal(rng, shape, dtype=np.float32):
+  return jnp.asarray(rng.standard_normal(shape), dtype)
+
+
+def _adapter(rng):
+  """Stacked bf16, DoRA, einsum and embed LoRA nodes; no square matrices."""
+  stacked = LoRA(a=_normal(rng, (3, 16, 4), jnp.bfloat16), b=_normal(rng, (3, 4, 24), jnp.bfloat16),
+                 alpha=8, rank=4, stack=1, rslora=True, dropout=0.05)
+  dora = LoRA(a=_normal(rng, (16, 2)), b=_normal(rng, (2, 24)), magnitude=_normal(rng, (24,)),
+              alpha=16.0, rank=2)
+  einsum = LoRA(a=_normal(rng, (6, 5, 2)), b=_normal(rng, (2, 7)), alpha=4.0, rank=2,
+                in_axes=(0, 1), out_axes=(2,), kind="einsum")
+  embed = LoRA(a=_normal(rng, (50, 4)), b=_normal(rng, (4, 12)), alpha=4.0, rank=4, kind="embed")
+  return {"layers": {"attn": {"q_proj": {"kernel": stacked}, "k_proj": {"kernel": dora}}},
+          "mlp": {"up": {"kernel": einsum}}, "embed": {"embedding": embed}}
+
+
+def _static(node):
+  kids = {k.name for (k,), _ in jax.tree_util.tree_flatten_with_path(
+      node, is_leaf=lambda y: y is not node)[0]}
+  return {f.name: getattr(node, f.name) for f in dataclasses.fields(node) if f.name not in kids}
+
+
+def assert_same_tree(got, want):
+  """Same containers, node metadata (values and types) and array bytes and dtypes."""
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  assert hash(jax.tree.structure(got)) == hash(jax.tree.structure(want))
+  nodes = zip(jax.tree.leaves(got, is_leaf=jlora.paths.is_node),
+              jax.tree.leaves(want, is_leaf=jlora.paths.is_node))
+  for g, w in nodes:
+    if jlora.paths.is_node(w):
+      assert type(g) is type(w)
+      gs, ws = _static(g), _static(w)
+      assert gs == ws and [type(v) for v in gs.values()] == [type(v) for v in ws.values()]
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    if hasattr(w, "dtype"):
+      assert isinstance(g, jax.Array)
+      assert (g.dtype, g.shape) == (w.dtype, w.shape)
+      assert np.asarray(g).tobytes() == np.asarray(w).tobytes()
+    else:
+      assert (type(g), g) == (type(w), w)
+
+
+def test_adapter_round_trip_is_bit_exact(tmp_path, rng):
+  adapter = _adapter(rng)
+  jlora.save(tmp_path / "ad", adapter)
+  got = jlora.restore(tmp_path / "ad")
+  assert_same_tree(got, adapter)
+  assert got["layers"]["attn"]["q_proj"]["kernel"].magnitude is None
+  assert got["layers"]["attn"]["k_proj"]["kernel"].magnitude.shape == (24,)
+  assert got["layers"]["attn"]["q_proj"]["kernel"].scale == 4.0  # rsLoRA: 8 / sqrt(4)
+  other = {"q": {"kernel": LoRA(a=_normal(rng, (8, 3)), b=_normal(rng, (3, 5)), rank=3)}}
+  jlora.save(tmp_path / "ad", other)  # overwrite
+  assert_same_tree(jlora.restore(tmp_path / "ad"), other)
+  assert [p.name for p in tmp_path.iterdir()] == ["ad"]  # no temporary left behind
+
+
+def test_base_tree_round_trip_keeps_dtypes_and_bits(tmp_path, rng):
+  special = np.array([np.nan, -0.0, np.inf, 1e-45, -3.5], np.float32)
+  base = {
+      "f32": _normal(rng, (5, 3)).at[0, :].set(jnp.asarray(special[:3])),
+      "bf16": _normal(rng, (4, 6), jnp.bfloat16),
+      "u8": jnp.asarray(rng.integers(0, 256, (7, 2)), jnp.uint8),
+      "i8": np.asarray(rng.integers(-128, 128, (3, 9)), np.int8),
+      "scalar": np.float32(3.5),
+      "special": special,
+      "containers": {"list": [_normal(rng, (2,)), None, 3, "name"],
+                     "tuple": (_normal(rng, (3, 1)), 2.5, True)},
+      "frozen": FrozenDict({"w": _normal(rng, (2, 3))}),
+  }
+  jlora.save(tmp_path / "base", base)
+  got = jlora.restore(tmp_path / "base")
+  want = dict(base, frozen={"w": base["frozen"]["w"]}, scalar=np.asarray(base["scalar"]))
+  assert_same_tree(got, want)
+  assert got["i8"].dtype == np.int8 and got["bf16"].dtype == jnp.bfloat16
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FakeQArray:
+  """A stand-in for a quantized node: array children, static metadata of many kinds."""
+  codes: jax.Array
+  absmax: jax.Array
+  nested: tuple | None = None
+  _jlora_node = True
+  shape: tuple = dataclasses.field(default=(), metadata=dict(static=True))
+  dtype: object = dataclasses.field(default=jnp.bfloat16, metadata=dict(static=True))
+  storage: object = dataclasses.field(default=np.dtype("uint8"), metadata=dict(static=True))
+  scheme: str = dataclasses.field(default="nf4", metadata=dict(static=True))
+  block_size: int = dataclasses.field(default=64, metadata=dict(static=True))
+  offset: float | None = dataclasses.field(default=None, metadata=dict(static=True))
+  options: dict | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+
+def test_any_registered_node_class_round_trips(tmp_path, rng):
+  checkpoint.register_node(FakeQArray)
+  q = FakeQArray(codes=jnp.asarray(rng.integers(0, 256, (2, 48)), jnp.uint8),
+                 absmax=_normal(rng, (2, 3)), nested=(_normal(rng, (2, 1)), None),
+                 shape=(2, 8, 12), offset=0.25, options={"axes": [0, (1, 2)], "kind": np.float32})
+  tree = {"layers": {"w": {"kernel": q}}, "plain": FakeQArray(
+      codes=jnp.zeros((5,), jnp.uint8), absmax=jnp.ones((1,)), dtype=np.dtype("float32"))}
+  jlora.save(tmp_path / "q", tree)
+  got = jlora.restore(tmp_path / "q")
+  assert_same_tree(got, tree)
+  assert got["layers"]["w"]["kernel"].dtype is jnp.bfloat16
+  assert got["layers"]["w"]["kernel"].options["axes"][1] == (1, 2)
+
+
+def test_restore_places_arrays_on_requested_shardings(tmp_path, rng):
+  mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+  rows, cols = NamedSharding(mesh, P("x", None)), NamedSharding(mesh, P(None, "x"))
+  tree = {"w": _normal(rng, (8, 6)),
+          "q": {"kernel": LoRA(a=_normal(rng, (6, 4)), b=_normal(rng, (4, 10)), rank=4)}}
+  jlora.save(tmp_path / "ck", tree)
+  as_tree = {"w": rows, "q": {"kernel": LoRA(a=rows, b=cols, rank=4)}}
+  got = jlora.restore(tmp_path / "ck", shardings=as_tree)
+  assert_same_tree(got, tree)
+  assert got["w"].sharding == rows and got["q"]["kernel"].b.sharding == cols
+  assert [x.data.shape for x in got["w"].addressable_shards] == [(4, 6), (4, 6)]
+  by_path = jlora.restore(tmp_path / "ck", shardings=lambda p: rows if p.endswith("/a") else None)
+  assert by_path["q"]["kernel"].a.sharding == rows
+  assert by_path["w"].sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with pytest.raises(ValueError, match="no sharding for.*'w'"):
+    jlora.restore(tmp_path / "ck", shardings={"q": as_tree["q"]})
+  with pytest.raises(ValueError, match="does not fit 'w' of shape \\[8, 6\\]"):
+    jlora.restore(tmp_path / "ck", shardings=NamedSharding(mesh, P(None, None, "x")))
+
+
+def test_restore_into_a_target(tmp_path, rng):
+  mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+  tree = {"dense": {"kernel": _normal(rng, (4, 6), jnp.bfloat16)},
+          "q": {"kernel": LoRA(a=_normal(rng, (6, 2)), b=_normal(rng, (2, 3)), alpha=2.0, rank=2)}}
+  jlora.save(tmp_path / "ck", tree)
+  spec = lambda x, s=None: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+  rows = NamedSharding(mesh, P("x"))
+  target = FrozenDict({"dense": {"kernel": spec(tree["dense"]["kernel"], rows)},
+                       "q": {"kernel": jax.tree.map(spec, tree["q"]["kernel"])}})
+  got = jlora.restore(tmp_path / "ck", target=target)
+  assert isinstance(got, FrozenDict) and got["dense"]["kernel"].sharding == rows
+  assert_same_tree(got, FrozenDict(tree))
+  bad_shape = {"dense": {"kernel": jax.ShapeDtypeStruct((4, 7), jnp.bfloat16)}, "q": target["q"]}
+  with pytest.raises(ValueError, match=r"'dense/kernel'.*bfloat16\[4, 6\].*bfloat16\[4, 7\]"):
+    jlora.restore(tmp_path / "ck", target=bad_shape)
+  other_alpha = {"dense": target["dense"],
+                 "q": {"kernel": target["q"]["kernel"].replace(alpha=3.0)}}
+  with pytest.raises(ValueError, match="does not match target at 'q/kernel'"):
+    jlora.restore(tmp_path / "ck", target=other_alpha)
+
+
+_CHILD = """
+import sys
+import numpy as np
+import jlora
+rng = np.random.default_rng(0)
+jlora.save(sys.argv[1], {f"w{i}": rng.random((1024, 1024), np.float32) for i in range(24)})
+"""
+
+
+def test_killed_save_leaves_previous_checkpoint_readable(tmp_path, rng):
+  path = tmp_path / "ck"
+  old = _adapter(rng)
+  jlora.save(path, old)
+  child = subprocess.Popen([sys.executable, "-c", _CHILD, str(path)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  deadline = time.monotonic() + 120
+  while not glob.glob(str(tmp_path / ".ck.jlora-tmp-*" / "*")):  # orbax has started writing
+    assert child.poll() is None, f"the save ended before it was killed: {child.communicate()}"
+    assert time.monotonic() < deadline, "the save never started"
+    time.sleep(0.002)
+  child.send_signal(signal.SIGKILL)
+  child.communicate()
+  assert glob.glob(str(tmp_path / ".ck.jlora-tmp-*"))  # killed mid-save: its temp dir is left
+  assert_same_tree(jlora.restore(path), old)
+  new = {"w": _normal(rng, (3, 5))}
+  jlora.save(path, new)  # a later save is not disturbed by the leftover
+  assert_same_tree(jlora.restore(path), new)
+
+
+def test_failed_save_leaves_previous_checkpoint_and_no_temp(tmp_path, rng, monkeypatch):
+  old = _adapter(rng)
+  jlora.save(tmp_path / "ck", old)
+
+  def broken_write(file, text):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(checkpoint.files, "write_text", broken_write)
+  with pytest.raises(OSError, match="disk full"):
+    jlora.save(tmp_path / "ck", {"w": _normal(rng, (3, 2))})
+  assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+  assert_same_tree(jlora.restore(tmp_path / "ck"), old)
+
+
+def test_save_refuses_what_it_must_not_replace(tmp_path, rng):
+  tree = {"w": _normal(rng, (2, 3))}
+  jlora.save(tmp_path / "ck", tree)
+  with pytest.raises(ValueError, match="exists; pass overwrite=True"):
+    jlora.save(tmp_path / "ck", tree, overwrite=False)
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("keep me")
+  with pytest.raises(ValueError, match="refusing to replace .*not a jlora checkpoint"):
+    jlora.save(tmp_path / "mine", tree)
+  assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(ValueError, match="it is a file"):
+    jlora.save(tmp_path / "file", tree)
+  (tmp_path / "empty").mkdir()
+  jlora.save(tmp_path / "empty", tree)
+  assert_same_tree(jlora.restore(tmp_path / "empty"), tree)
+
+
+def test_save_rejects_unsupported_leaves(tmp_path):
+  with pytest.raises(TypeError, match="'k'.*PRNG"):
+    jlora.save(tmp_path / "a", {"k": jax.random.key(0)})
+  with pytest.raises(TypeError, match="dict keys must be strings"):
+    jlora.save(tmp_path / "b", {"x": {1: jnp.ones(2)}})
+  with pytest.raises(TypeError, match="'x/0'.*unsupported object"):
+    jlora.save(tmp_path / "c", {"x": [object()]})
+
+  @jax.tree_util.register_dataclass
+  @dataclasses.dataclass
+  class Unknown:
+    w: jax.Array
+    _jlora_node = True
+
+  with pytest.raises(TypeError, match="'u'.*Unknown is not a node class jlora knows"):
+    jlora.save(tmp_path / "d", {"u": Unknown(jnp.ones(2))})
+  assert not list(tmp_path.iterdir())
+
+
+def _largest_array_file(path):
+  files = [f for f in glob.glob(str(path / "arrays" / "**"), recursive=True) if os.path.isfile(f)]
+  return max(files, key=os.path.getsize)
+
+
+def _flip_middle_byte(file):
+  data = bytearray(open(file, "rb").read())
+  data[len(data) // 2] ^= 0x40
+  open(file, "wb").write(bytes(data))
+
+
+CORRUPTIONS = {
+    "truncated array file": (lambda p: os.truncate(_largest_array_file(p),
+                                                   os.path.getsize(_largest_array_file(p)) // 2),
+                             "array 'noise' in arrays/ could not be read"),
+    "removed array file": (lambda p: os.remove(_largest_array_file(p)),
+                           "array 'noise' in arrays/ could not be read"),
+    "flipped bit": (lambda p: _flip_middle_byte(_largest_array_file(p)),
+                    r"the bytes of 'noise' \(uint8\[256, 256\]\) fail their CRC-32 check"),
+    "removed arrays dir": (lambda p: shutil.rmtree(p / "arrays"), "arrays/ directory is missing"),
+    "garbled json": (lambda p: (p / "jlora.json").write_text((p / "jlora.json").read_text()[:300]),
+                     "jlora.json is not valid JSON"),
+    "unknown node class": (lambda p: (p / "jlora.json").write_text(
+        (p / "jlora.json").read_text().replace('"LoRA"', '"os.system"')),
+                           "unknown node class 'os.system' at 'q/kernel'"),
+    "wrong static field": (lambda p: (p / "jlora.json").write_text(
+        (p / "jlora.json").read_text().replace('"alpha"', '"alpah"')),
+                           "LoRA at 'q/kernel' that cannot be rebuilt"),
+}
+
+
+@pytest.mark.parametrize("damage", list(CORRUPTIONS))
+def test_corrupted_checkpoint_fails_clearly(tmp_path, rng, damage):
+  noise = jnp.asarray(rng.integers(0, 256, (256, 256)), jnp.uint8)  # incompressible bytes
+  tree = {"noise": noise, "q": {"kernel": LoRA(a=_normal(rng, (6, 2)), b=_normal(rng, (2, 3)))}}
+  jlora.save(tmp_path / "ck", tree)
+  corrupt, message = CORRUPTIONS[damage]
+  corrupt(tmp_path / "ck")
+  with pytest.raises(ValueError, match=f"corrupted jlora checkpoint at .*ck'.*({message})"):
+    jlora.restore(tmp_path / "ck")
+
+
+def test_foreign_paths_are_not_checkpoints(tmp_path):
+  with pytest.raises(ValueError, match="no checkpoint at .* does not exist"):
+    jlora.restore(tmp_path / "missing")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="not a jlora checkpoint: .* is an empty directory"):
+    jlora.restore(tmp_path / "empty")
+  (tmp_path / "random").mkdir()
+  (tmp_path / "random" / "data.bin").write_bytes(b"\x00\x01")
+  with pytest.raises(ValueError, match="has no jlora.json \\(it holds data.bin\\)"):
+    jlora.restore(tmp_path / "random")
+  (tmp_path / "file").write_text("{}")
+  with pytest.raises(ValueError, match="is a file, not a directory"):
+    jlora.restore(tmp_path / "file")
+  orbax = ocp.StandardCheckpointer()
+  orbax.save(tmp_path / "orbax", {"w": np.ones(3, np.float32)})
+  orbax.wait_until_finished()
+  orbax.close()
+  with pytest.raises(ValueError, match="looks like an orbax checkpoint that jlora.save did not"):
+    jlora.restore(tmp_path / "orbax")
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "jlora.json").write_text(json.dumps({"format": "something-else"}))
+  with pytest.raises(ValueError, match="does not say format 'jlora-checkpoint'"):
+    jlora.restore(tmp_path / "other")
+  (tmp_path / "other" / "jlora.json").write_text(json.dumps({"format": "jlora-checkpoint",
+                                                              "version": 99, "tree": None}))
+  with pytest.raises(ValueError, match="format version 99; this jlora reads versions 1 to 1"):
+    jlora.restore(tmp_path / "other")
+
+
+_UNPICKLING = []
+_WATCHING = []
+
+
+def _audit(event, args):
+  if _WATCHING and event == "pickle.find_class":
+    _UNPICKLING.append(args)
+
+
+sys.addaudithook(_audit)
+
+
+def test_restore_never_unpickles(tmp_path, rng, monkeypatch):
+  adapter = _adapter(rng)
+  jlora.save(tmp_path / "ad", adapter)
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("restore tried to unpickle")
+
+  for name in ("load", "loads", "Unpickler"):
+    monkeypatch.setattr(pickle, name, refuse)
+  _WATCHING.append(True)
+  try:
+    got = jlora.restore(tmp_path / "ad")
+  finally:
+    _WATCHING.clear()
+  assert not _UNPICKLING
+  assert_same_tree(got, adapter)
