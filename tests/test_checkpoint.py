@@ -78,6 +78,9 @@ def test_adapter_round_trip_is_bit_exact(tmp_path, rng):
   jlora.save(tmp_path / "ad", other)  # overwrite
   assert_same_tree(jlora.restore(tmp_path / "ad"), other)
   assert [p.name for p in tmp_path.iterdir()] == ["ad"]  # no temporary left behind
+  umask = os.umask(0o022)
+  os.umask(umask)
+  assert (tmp_path / "ad").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_base_tree_round_trip_keeps_dtypes_and_bits(tmp_path, rng):
@@ -98,6 +101,9 @@ def test_base_tree_round_trip_keeps_dtypes_and_bits(tmp_path, rng):
   want = dict(base, frozen={"w": base["frozen"]["w"]}, scalar=np.asarray(base["scalar"]))
   assert_same_tree(got, want)
   assert got["i8"].dtype == np.int8 and got["bf16"].dtype == jnp.bfloat16
+  jlora.save(tmp_path / "empty", {})
+  assert jlora.restore(tmp_path / "empty") == {}
+  assert not (tmp_path / "empty" / "arrays").exists()
 
 
 @jax.tree_util.register_dataclass
@@ -145,6 +151,8 @@ def test_restore_places_arrays_on_requested_shardings(tmp_path, rng):
   by_path = jlora.restore(tmp_path / "ck", shardings=lambda p: rows if p.endswith("/a") else None)
   assert by_path["q"]["kernel"].a.sharding == rows
   assert by_path["w"].sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  jlora.save(tmp_path / "from_mesh", {"w": jax.device_put(tree["w"], rows)})
+  assert_same_tree(jlora.restore(tmp_path / "from_mesh"), {"w": tree["w"]})
   with pytest.raises(ValueError, match="no sharding for.*'w'"):
     jlora.restore(tmp_path / "ck", shardings={"q": as_tree["q"]})
   with pytest.raises(ValueError, match="does not fit 'w' of shape \\[8, 6\\]"):

@@ -25,21 +25,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from typing import Any, Callable
 
 import jax
 
-from jlora.checkpoint import arrays as A
-from jlora.checkpoint import files as F
-from jlora.checkpoint import tree_json as T
+from jlora.checkpoint import arrays as array_io
+from jlora.checkpoint import files
+from jlora.checkpoint import tree_json
 from jlora.checkpoint.tree_json import register_node
 
 __all__ = ["save", "restore", "register_node"]
 
 
 def _corrupted(directory: str, err: Exception) -> ValueError:
-  return ValueError(f"corrupted jlora checkpoint at {directory!r}: {F.MANIFEST} {err}")
+  return ValueError(f"corrupted jlora checkpoint at {directory!r}: {files.MANIFEST} {err}")
 
 
 def save(path, tree: Any, *, overwrite: bool = True) -> None:
@@ -75,20 +75,21 @@ def save(path, tree: Any, *, overwrite: bool = True) -> None:
   if jax.process_count() > 1:
     raise NotImplementedError("jlora.save writes from one process; multi-host saving is not "
                               "supported yet")
-  target = F.local_path(path)
-  F.check_replaceable(target, overwrite)
+  target = files.local_path(path)
+  files.check_replaceable(target, overwrite)
   arrays: list = []
-  manifest = {"format": F.FORMAT, "version": F.VERSION, "tree": T.encode(tree, "", arrays)}
-  text = json.dumps(manifest, indent=1)
+  encoded = tree_json.encode(tree, "", arrays)
+  text = json.dumps({"format": files.FORMAT, "version": files.VERSION, "tree": encoded}, indent=1)
   parent, name = os.path.split(target)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{name}.jlora-tmp-", dir=parent)
+  tmp = os.path.join(parent, f".{name}.jlora-tmp-{uuid.uuid4().hex}")
+  os.mkdir(tmp)  # with the umask's permissions, as the checkpoint will have
   try:
     if arrays:
-      A.write_arrays(os.path.join(tmp, F.ARRAYS), arrays)
-    F.write_text(os.path.join(tmp, F.MANIFEST), text)
-    F.fsync_dir(tmp)
-    F.replace(tmp, target)
+      array_io.write_arrays(os.path.join(tmp, files.ARRAYS), arrays)
+    files.write_text(os.path.join(tmp, files.MANIFEST), text)
+    files.fsync_dir(tmp)
+    files.replace(tmp, target)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -133,16 +134,17 @@ def restore(path, *, target: Any = None,
     >>> base["dense"]["kernel"].sharding == rows
     True
   """
-  directory = F.local_path(path)
+  directory = files.local_path(path)
   try:
-    skeleton, specs = T.parse_tree(F.read_manifest(directory)["tree"])
-  except (T.BadMetadata, KeyError) as err:
+    skeleton, specs = tree_json.parse_tree(files.read_manifest(directory)["tree"])
+  except tree_json.BadMetadata as err:
     raise _corrupted(directory, err) from None
   if target is not None:
-    A.check_target(directory, specs, target)
-  arrays = A.read_arrays(directory, specs, A.placements(specs, shardings, target), verify)
+    array_io.check_target(directory, specs, target)
+  where = array_io.placements(specs, shardings, target)
+  arrays = array_io.read_arrays(directory, specs, where, verify)
   try:
-    tree = T.build(skeleton, arrays)
-  except T.BadMetadata as err:
+    tree = tree_json.build(skeleton, arrays)
+  except tree_json.BadMetadata as err:
     raise _corrupted(directory, err) from None
-  return tree if target is None else A.like(target, tree, directory)
+  return tree if target is None else array_io.like(target, tree, directory)

@@ -12,6 +12,7 @@ from jlora import paths
 from jlora.checkpoint.files import ARRAYS
 from jlora.checkpoint.tree_json import ArraySpec, crc32
 
+
 def _checkpointer():
   import orbax.checkpoint as ocp
   return ocp, ocp.Checkpointer(ocp.StandardCheckpointHandler())

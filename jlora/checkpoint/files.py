@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import shutil
@@ -59,10 +60,10 @@ def _exchange(a: str, b: str) -> bool:
   at_fdcwd, rename_exchange = -100, 2
   if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
     return True
-  errno = ctypes.get_errno()
-  if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: the file system can't swap
+  code = ctypes.get_errno()
+  if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # the file system can't swap
     return False
-  raise OSError(errno, os.strerror(errno), b)
+  raise OSError(code, os.strerror(code), b)
 
 
 def replace(tmp: str, target: str) -> None:
@@ -112,4 +113,6 @@ def read_manifest(directory: str) -> dict:
   if not isinstance(version, int) or not 1 <= version <= VERSION:
     raise ValueError(f"jlora checkpoint at {directory!r} has format version {version!r}; this "
                      f"jlora reads versions 1 to {VERSION}")
+  if "tree" not in data:
+    raise ValueError(f"corrupted jlora checkpoint at {directory!r}: {MANIFEST} has no 'tree'")
   return data
