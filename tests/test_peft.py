@@ -179,3 +179,119 @@ def test_merge_equals_peft_merge_and_unload(peft_dir, base, jit):
 
 def params_flat(params):
   return paths.flatten(params)
+
+
+def test_scanned_params(peft_dir, base):
+  """Scanned params ([L, ...] stacks): layer i of PEFT is index i of a/b; a
+  per-layer alpha (the "plain" adapter's) cannot be one stacked LoRA and is
+  refused by name."""
+  name, d, pm = peft_dir
+  scanned = params_from_torch(base[1], scanned=True)
+  if name == "plain":
+    with pytest.raises(ValueError, match=r"'layers/self_attn/q_proj/kernel'.*different \(rank, alpha\)"):
+      jlora.peft.load(d, scanned)
+    return
+  flat_ads = jlora.adapter.loras(jlora.peft.load(d, params_from_torch(base[1]))[0])
+  adapter, cfg = jlora.peft.load(d, scanned)
+  n_stacked = 0
+  for path, lo in jlora.adapter.loras(adapter).items():
+    if not path.startswith("layers/"):
+      continue
+    n_stacked += 1
+    assert lo.stack == 1 and lo.a.shape[0] == N_LAYERS
+    for i in range(N_LAYERS):
+      one = flat_ads[path.replace("layers/", f"layers_{i}/")]
+      np.testing.assert_array_equal(np.asarray(lo.a[i]), np.asarray(one.a))
+      np.testing.assert_array_equal(np.asarray(lo.b[i]), np.asarray(one.b))
+      np.testing.assert_array_equal(np.asarray(lo.magnitude[i]), np.asarray(one.magnitude))
+  assert n_stacked == 2
+  ours = paths.flatten(jax.jit(jlora.merge)(scanned, adapter))
+  ref = paths.flatten(params_from_torch(copy.deepcopy(pm).merge_and_unload(), scanned=True))
+  for k in ref:
+    assert rel_err(ours[k], ref[k]) < 1e-6, k
+
+
+def _lora_tensors(d):
+  return {k: v for k, v in load_file(os.path.join(d, "adapter_model.safetensors")).items()
+          if ".base_layer." not in k}
+
+
+def test_save_reproduces_peft_file_and_loads_in_peft(peft_dir, base, tmp_path):
+  """load -> save writes PEFT's tensors bit for bit; PeftModel.from_pretrained
+  on it computes what the original PEFT model computes."""
+  name, d, pm = peft_dir
+  for scanned in (False, True):
+    if scanned and name == "plain":
+      continue
+    adapter, cfg = jlora.peft.load(d, params_from_torch(base[1], scanned=scanned))
+    out = tmp_path / f"out_{scanned}"
+    jlora.peft.save(out, adapter, cfg, base_model_name_or_path="tiny-llama")
+    ours, ref = _lora_tensors(out), _lora_tensors(d)
+    assert ours.keys() == ref.keys()
+    for k in ref:
+      np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
+  back = peft.PeftModel.from_pretrained(copy.deepcopy(base[1]), out).eval()
+  ids = torch.tensor(np.random.default_rng(0).integers(0, 128, (2, 7)))
+  with torch.no_grad():
+    want, got = pm(input_ids=ids).logits.numpy(), back(input_ids=ids).logits.numpy()
+  assert rel_err(got, want) < 1e-6
+  for n, layer in _peft_layers(back).items():
+    assert layer.scaling["default"] == pytest.approx(_peft_layers(pm)[n].scaling["default"])
+
+
+JLORA_CONFIGS = {
+    "plain": jlora.LoraConfig(rank=4, alpha=8, targets=["q_proj", "v_proj", "up_proj"],
+                              rank_pattern={"v_proj": 2}, alpha_pattern={"up_proj": 5}),
+    "dora": jlora.LoraConfig(rank=3, alpha=5, use_rslora=True, use_dora=True,
+                             targets=r".*(k_proj|o_proj|embed_tokens|lm_head)",
+                             rank_pattern={"layers_1/self_attn/k_proj": 2}),
+}
+
+
+def _trained(params, cfg, seed):
+  """A jlora adapter for ``cfg`` with random non-zero a, b and DoRA magnitudes
+  ‖W + ΔW‖ perturbed, as after training (built in NumPy: no compilation)."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for path, w in paths.flatten(params).items():
+    kind = "embed" if path.endswith("embedding") else "dense"
+    if not cfg.matches(path, w.ndim, kind):
+      continue
+    rank, alpha = cfg.resolve(path)
+    lo = jlora.LoRA(a=rng.normal(size=(w.shape[0], rank)).astype(np.float32) * 0.2,
+                    b=rng.normal(size=(rank, w.shape[1])).astype(np.float32) * 0.2,
+                    alpha=alpha, rank=rank, kind=kind, rslora=cfg.use_rslora)
+    if cfg.use_dora:
+      norm = np.linalg.norm(np.asarray(w) + lo.scale * lo.a @ lo.b, axis=0)
+      lo = lo.replace(magnitude=norm * (1 + 0.2 * rng.normal(size=norm.shape)).astype(np.float32))
+    out[path] = jax.tree.map(jnp.asarray, lo)
+  return paths.unflatten(out)
+
+
+@pytest.mark.parametrize("which", sorted(JLORA_CONFIGS))
+def test_jlora_adapter_loads_in_peft(which, base, tmp_path):
+  """An adapter made in jlora, saved with jlora.peft.save, loads in PEFT: PEFT's
+  merge_and_unload equals jlora.merge at every weight, and loading it back
+  gives the same adapter and config."""
+  cfg = JLORA_CONFIGS[which]
+  params = params_from_torch(base[1])
+  adapter = _trained(params, cfg, seed=len(which))
+  jlora.peft.save(tmp_path, adapter, cfg)
+  config = json.loads((tmp_path / "adapter_config.json").read_text())
+  back = peft.PeftModel.from_pretrained(copy.deepcopy(base[1]), tmp_path).eval()
+  assert len(_peft_layers(back)) == len(jlora.adapter.loras(adapter))
+  ref = paths.flatten(params_from_torch(back.merge_and_unload()))
+  ours = paths.flatten(jax.jit(jlora.merge)(params, adapter))
+  for k in ref:
+    assert rel_err(ours[k], ref[k]) < 1e-6, k
+  again, cfg2 = jlora.peft.load(tmp_path, params)
+  for p, lo in jlora.adapter.loras(adapter).items():
+    lo2 = jlora.adapter.loras(again)[p]
+    assert (lo2.rank, lo2.alpha, lo2.rslora, lo2.use_dora) == (lo.rank, lo.alpha, lo.rslora, lo.use_dora)
+    np.testing.assert_array_equal(np.asarray(lo2.b), np.asarray(lo.b))
+    assert cfg2.resolve(p) == cfg.resolve(p)
+  if which == "plain":   # bare names and separator-free patterns survive as written
+    assert config["target_modules"] == ["q_proj", "up_proj", "v_proj"]
+    assert config["rank_pattern"] == {"v_proj": 2} and config["alpha_pattern"] == {"up_proj": 5}
+    assert (cfg2.targets, cfg2.rank_pattern, cfg2.alpha_pattern) == (
+        ["q_proj", "up_proj", "v_proj"], {"v_proj": 2}, {"up_proj": 5})

@@ -349,10 +349,13 @@ def _check_coverage(d, modules: Mapping[str, Any], table: Mapping[str, _Site]) -
 
 
 def _layer_arrays(parts, site: _Site, dtype):
-  a = jnp.asarray(parts["A"][1]).T.astype(dtype).reshape(site.in_dims + (-1,))
-  b = jnp.asarray(parts["B"][1]).T.astype(dtype).reshape((-1,) + site.out_dims)
+  """One layer's ``a: [*in_dims, r]``, ``b: [r, *out_dims]``, magnitude (NumPy: no
+  per-shape compilation)."""
+  dtype = np.dtype(jnp.dtype(dtype))
+  a = np.asarray(parts["A"][1]).T.astype(dtype).reshape(site.in_dims + (-1,))
+  b = np.asarray(parts["B"][1]).T.astype(dtype).reshape((-1,) + site.out_dims)
   m = parts.get("magnitude")
-  m = None if m is None else jnp.asarray(m[1]).astype(dtype).reshape(site.out_dims)
+  m = None if m is None else np.asarray(m[1]).astype(dtype).reshape(site.out_dims)
   return a, b, m
 
 
@@ -377,18 +380,19 @@ def _build_nodes(per_layer, table, d, dtype) -> dict[str, L.LoRA]:
       a, b, m = layers_[None][2]
     else:
       a, b, m = _stack_layers(path, layers_, site, rank, meta, dtype)
-    nodes[path] = L.LoRA(a=a, b=b, magnitude=m, **meta)
+    nodes[path] = L.LoRA(a=jnp.asarray(a), b=jnp.asarray(b),
+                         magnitude=None if m is None else jnp.asarray(m), **meta)
   return nodes
 
 
 def _stack_layers(path, layers_, site: _Site, rank, meta, dtype):
   """Stacks per-layer arrays along axis 0; layers the adapter leaves out get a
   zero update (and, with DoRA, the magnitude ‖W‖ that leaves W unchanged)."""
-  n = site.stack_shape[0]
-  zeros_a = jnp.zeros(site.in_dims + (rank,), dtype)
-  zeros_b = jnp.zeros((rank,) + site.out_dims, dtype)
-  a = jnp.stack([layers_[i][2][0] if i in layers_ else zeros_a for i in range(n)])
-  b = jnp.stack([layers_[i][2][1] if i in layers_ else zeros_b for i in range(n)])
+  n, dtype = site.stack_shape[0], np.dtype(jnp.dtype(dtype))
+  zeros_a = np.zeros(site.in_dims + (rank,), dtype)
+  zeros_b = np.zeros((rank,) + site.out_dims, dtype)
+  a = np.stack([layers_[i][2][0] if i in layers_ else zeros_a for i in range(n)])
+  b = np.stack([layers_[i][2][1] if i in layers_ else zeros_b for i in range(n)])
   if next(iter(layers_.values()))[2][2] is None:
     return a, b, None
   mags = []
@@ -399,9 +403,9 @@ def _stack_layers(path, layers_, site: _Site, rank, meta, dtype):
     if not isinstance(site.weight, (jax.Array, np.ndarray)):
       raise ValueError(f"DoRA adapter leaves layer {i} of {path!r} out: its magnitude ‖W‖ needs "
                        "concrete (unquantized) params")
-    probe = L.LoRA(a=zeros_a, b=zeros_b, **{**meta, "stack": 0})
-    mags.append(L.dora_norm(jnp.asarray(site.weight[i]), probe).astype(dtype))
-  return a, b, jnp.stack(mags)
+    probe = L.LoRA(a=jnp.asarray(zeros_a), b=jnp.asarray(zeros_b), **{**meta, "stack": 0})
+    mags.append(np.asarray(L.dora_norm(jnp.asarray(site.weight[i]), probe)).astype(dtype))
+  return a, b, np.stack(mags)
 
 
 # ---------------------------------------------------------------- config
@@ -495,6 +499,7 @@ def export(adapter: Any, cfg: LoraConfig | None = None, *, base_model_name_or_pa
   _check_uniform(nodes, cfg)
   tensors, settings = {}, {}
   for path, lo in nodes.items():
+    lo = jax.tree.map(_np, lo)   # to host once; slicing and transposes in NumPy
     for layer in range(lo.stack_dims[0]) if lo.stack else [None]:
       name = hf_module_name(path, layer)
       if name in settings:
@@ -544,6 +549,7 @@ def _np(x) -> np.ndarray:
 
 
 def _module_tensors(name: str, lo: L.LoRA, layer: int | None) -> dict[str, np.ndarray]:
+  """PEFT's tensors of one module (NumPy: no per-shape compilation)."""
   pick = (lambda x: x) if layer is None else (lambda x: x[layer])
   r = lo.a.shape[-1]
   A = pick(lo.a).reshape(-1, r).T        # [r, in]
