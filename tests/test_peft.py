@@ -295,3 +295,212 @@ def test_jlora_adapter_loads_in_peft(which, base, tmp_path):
     assert config["rank_pattern"] == {"v_proj": 2} and config["alpha_pattern"] == {"up_proj": 5}
     assert (cfg2.targets, cfg2.rank_pattern, cfg2.alpha_pattern) == (
         ["q_proj", "up_proj", "v_proj"], {"v_proj": 2}, {"up_proj": 5})
+
+
+# ---------------------------------------------------------------- malformed inputs
+
+@pytest.fixture(scope="module")
+def small(base, tmp_path_factory):
+  """A small PEFT adapter (q/v projections and the embedding, r=2) and its params."""
+  pm = peft.get_peft_model(copy.deepcopy(base[1]), peft.LoraConfig(
+      r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "embed_tokens"]))
+  _randomize(pm, seed=7)
+  d = tmp_path_factory.mktemp("small")
+  pm.save_pretrained(d)
+  return d, params_from_torch(base[1])
+
+
+def _copy(src, tmp_path, config_edit=None, tensors_edit=None):
+  from safetensors.numpy import save_file
+  d = tmp_path / "edited"
+  shutil.copytree(src, d)
+  if config_edit:
+    c = json.loads((d / "adapter_config.json").read_text())
+    config_edit(c)
+    (d / "adapter_config.json").write_text(json.dumps(c))
+  if tensors_edit:
+    t = load_file(d / "adapter_model.safetensors")
+    tensors_edit(t)
+    save_file(t, d / "adapter_model.safetensors", metadata={"format": "pt"})
+  return d
+
+
+def test_small_loads(small):
+  adapter, cfg = jlora.peft.load(*small)
+  assert len(jlora.adapter.loras(adapter)) == 2 * N_LAYERS + 1
+  assert cfg.targets == ["q_proj", "v_proj", "embed_tokens"] and (cfg.rank, cfg.alpha) == (2, 4.0)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("bias", "all", r"bias='all'"),
+    ("modules_to_save", ["lm_head"], r"modules_to_save=\['lm_head'\]"),
+    ("fan_in_fan_out", True, r"fan_in_fan_out=True"),
+    ("layers_to_transform", [0], r"layers_to_transform=\[0\]"),
+    ("init_lora_weights", "pissa", r"init_lora_weights='pissa'.*rewrites the base"),
+    ("init_lora_weights", "mica", r"init_lora_weights='mica'"),
+    ("use_qalora", True, r"use_qalora=True"),
+    ("peft_type", "IA3", r"peft_type='IA3'"),
+    ("some_future_field", 3, r"some_future_field=3 \(a field jlora does not know\)"),
+    ("rank_pattern", {"v_proj(": 2}, r"rank_pattern key 'v_proj\(' does not compile"),
+])
+def test_unsupported_config_fields_are_named(small, tmp_path, field, value, match):
+  d = _copy(small[0], tmp_path, config_edit=lambda c: c.update({field: value}))
+  with pytest.raises(ValueError, match=match):
+    jlora.peft.load(d, small[1])
+
+
+def test_unknown_default_fields_are_accepted(small, tmp_path):
+  d = _copy(small[0], tmp_path, config_edit=lambda c: c.update(some_future_field=None, task_type="SEQ_2_SEQ_LM"))
+  jlora.peft.load(d, small[1])
+
+
+def _rename_layer(t):
+  for k in [k for k in t if ".layers.1.self_attn.q_proj." in k]:
+    t[k.replace(".layers.1.", ".layers.7.")] = t.pop(k)
+
+
+def _rank3(c):
+  c["r"] = 3
+
+
+def _drop_col(t):
+  k = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
+  t[k] = t[k][:, :1].copy()
+
+
+def _wide_a(t):
+  k = "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"
+  t[k] = np.concatenate([t[k], t[k][:, :1]], axis=1)
+
+
+@pytest.mark.parametrize("config_edit,tensors_edit,error,match", [
+    (lambda c: c.update(target_modules=["q_proj", "v_proj", "embed_tokens", "c_attn"]), None,
+     ValueError, r"target_modules names \['c_attn'\] but the model has no such module"),
+    (None, _rename_layer, ValueError, r"modules the model lacks: \['model\.layers\.7\.self_attn\.q_proj'\]"),
+    (_rank3, None, ValueError, r"module 'model\.[a-z_.0-9]+' has rank 2 \(lora_A \[2, \d+\]\) but adapter_config\.json gives it r=3"),
+    (None, _drop_col, ValueError, r"v_proj\.lora_B\.weight' is \[32, 1\].*same r"),
+    (None, _wide_a, ValueError, r"lora_A \[2, 65\].*'layers_0/self_attn/v_proj/kernel' is \[64, 32\]"),
+    (lambda c: c.update(use_dora=True), None, ValueError, r"lacks a lora_magnitude_vector"),
+    (lambda c: c.update(target_modules=["q_proj", "v_proj", "k_proj", "embed_tokens"]), None,
+     ValueError, r"selects \['model\.layers\.0\.self_attn\.k_proj'.*no weights"),
+    (lambda c: c.update(target_modules=["q_proj", "embed_tokens"]), None,
+     ValueError, r"has weights for \['model\.layers\.0\.self_attn\.v_proj'.*does not select"),
+    (None, lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias":
+                               np.ones(64, np.float32)}), ValueError, r"does not understand.*lora_B\.bias"),
+])
+def test_malformed_inputs_fail_clearly(small, tmp_path, config_edit, tensors_edit, error, match):
+  d = _copy(small[0], tmp_path, config_edit, tensors_edit)
+  with pytest.raises(error, match=match):
+    jlora.peft.load(d, small[1])
+
+
+def test_truncated_and_foreign_files(small, tmp_path):
+  d = _copy(small[0], tmp_path)
+  data = (d / "adapter_model.safetensors").read_bytes()
+  (d / "adapter_model.safetensors").write_bytes(data[:len(data) // 2])
+  with pytest.raises(ValueError, match=r"adapter_model\.safetensors: not a readable safetensors file"):
+    jlora.peft.load(d, small[1])
+  (d / "adapter_model.safetensors").unlink()
+  (d / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")   # a pickle: must never be opened
+  with pytest.raises(ValueError, match=r"only a pickled adapter_model\.bin.*never pickle"):
+    jlora.peft.load(d, small[1])
+  (d / "adapter_config.json").write_text("{not json")
+  with pytest.raises(ValueError, match=r"adapter_config\.json: not valid JSON"):
+    jlora.peft.load(d, small[1])
+  with pytest.raises(FileNotFoundError, match=r"no adapter_config\.json"):
+    jlora.peft.load(tmp_path / "nowhere", small[1])
+
+
+def test_embedding_base_copy_must_match(small):
+  """PEFT saves embedding base weights beside the adapter; a copy that differs
+  from the model's (resized or trained embeddings) is refused, not dropped."""
+  d, params = small
+  changed = jax.tree.map(lambda x: x, params)
+  changed["embed_tokens"]["embedding"] = params["embed_tokens"]["embedding"].at[3, 5].add(1e-3)
+  with pytest.raises(ValueError, match=r"base_layer\.weight'.*differs from the model's 'embed_tokens/embedding'"):
+    jlora.peft.load(d, changed)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  with pytest.raises(ValueError, match=r"copy of the base weight.*concrete"):
+    jlora.peft.load(d, abstract)
+  bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)   # same weights, rounded
+  jlora.peft.load(d, bf16)
+
+
+# ---------------------------------------------------------------- saving
+
+def _node(rng, n_in, n_out, r, stack=(), **kw):
+  return jlora.LoRA(a=jnp.asarray(rng.normal(size=stack + (n_in, r)), jnp.float32),
+                    b=jnp.asarray(rng.normal(size=stack + (r, n_out)), jnp.float32),
+                    rank=r, stack=len(stack), **kw)
+
+
+def test_save_is_atomic(tmp_path, rng, monkeypatch):
+  """A failed save leaves the previous adapter as it was, and no temp dirs."""
+  good = {"layers_0": {"mlp": {"up_proj": {"kernel": _node(rng, 6, 10, 2, alpha=4.0)}}}}
+  out = tmp_path / "adapter"
+  jlora.peft.save(out, good, None)
+  (out / "README.md").write_text("kept")
+  before = {p.name: p.read_bytes() for p in out.iterdir()}
+  bad = {"x": {"kernel": _node(rng, 6, 10, 2, kind="conv")}}
+  with pytest.raises(ValueError, match=r"'x/kernel' is a conv LoRA"):
+    jlora.peft.save(out, bad, None)
+
+  import safetensors.numpy
+  def broken(tensors, filename, metadata=None):
+    with open(filename, "wb") as f:
+      f.write(b"partial")
+    raise OSError("disk full")
+  monkeypatch.setattr(safetensors.numpy, "save_file", broken)
+  with pytest.raises(OSError, match="disk full"):
+    jlora.peft.save(out, good, None)
+  with pytest.raises(OSError, match="disk full"):
+    jlora.peft.save(tmp_path / "fresh", good, None)
+  assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_save_layouts_without_model(tmp_path, rng):
+  """Keys, transposes, stacked layers and derived config, checked on the raw file."""
+  stacked = _node(rng, 6, 10, 3, stack=(2,), alpha=5.0, rslora=True)
+  emb = _node(rng, 12, 6, 2, alpha=5.0, rslora=True, kind="embed")
+  adapter = {"layers": {"mlp": {"up_proj": {"kernel": stacked}}},
+             "embed_tokens": {"embedding": emb}}
+  jlora.peft.save(tmp_path, adapter, None, base_model_name_or_path="x/y")
+  t = load_file(tmp_path / "adapter_model.safetensors")
+  c = json.loads((tmp_path / "adapter_config.json").read_text())
+  for i in range(2):
+    k = f"base_model.model.model.layers.{i}.mlp.up_proj."
+    np.testing.assert_array_equal(t[k + "lora_A.weight"], np.asarray(stacked.a[i]).T)
+    np.testing.assert_array_equal(t[k + "lora_B.weight"], np.asarray(stacked.b[i]).T)
+  np.testing.assert_array_equal(t["base_model.model.model.embed_tokens.lora_embedding_A"],
+                                np.asarray(emb.a).T)
+  np.testing.assert_array_equal(t["base_model.model.model.embed_tokens.lora_embedding_B"],
+                                np.asarray(emb.b).T)
+  assert len(t) == 6
+  assert c["target_modules"] == ["model.embed_tokens", "model.layers.0.mlp.up_proj",
+                                 "model.layers.1.mlp.up_proj"]
+  assert (c["r"], c["lora_alpha"], c["use_rslora"], c["use_dora"]) == (3, 5, True, False)
+  assert c["rank_pattern"] == {r"model\.embed_tokens": 2} and c["alpha_pattern"] == {}
+  assert c["base_model_name_or_path"] == "x/y" and c["peft_type"] == "LORA"
+  jlora.interop.peft_config.validate(c)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda rng: {"a": {"kernel": _node(rng, 4, 6, 2, rslora=True)},
+                  "b": {"kernel": _node(rng, 4, 6, 2)}}, r"rsLoRA on all adapted weights or none"),
+    (lambda rng: {"a": {"kernel": _node(rng, 4, 6, 2).replace(rank=1)}}, r"padded beyond its rank 1"),
+    (lambda rng: {"layers": {"kernel": _node(rng, 4, 6, 2, stack=(2, 3))}}, r"2 stacked axes \[2, 3\]"),
+    (lambda rng: {"blocks": {"kernel": _node(rng, 4, 6, 2, stack=(2,))}}, r"not under a 'layers' stack"),
+])
+def test_save_rejects_what_peft_cannot_hold(tmp_path, rng, make, match):
+  with pytest.raises(ValueError, match=match):
+    jlora.peft.save(tmp_path / "out", make(rng), None)
+  assert not (tmp_path / "out").exists()
+
+
+def test_save_checks_cfg(tmp_path, rng):
+  ad = {"a": {"kernel": _node(rng, 4, 6, 2)}}
+  with pytest.raises(ValueError, match=r"DoRA setting False disagrees with cfg's True"):
+    jlora.peft.save(tmp_path, ad, jlora.LoraConfig(rank=2, use_dora=True))
+  with pytest.raises(ValueError, match=r"PiSSA adapter"):
+    jlora.peft.save(tmp_path, ad, jlora.LoraConfig(rank=2, init="pissa"))
