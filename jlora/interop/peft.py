@@ -270,6 +270,30 @@ def _torch_layout(kernel: jax.Array, site: _Site) -> jax.Array:
   return m.T
 
 
+def params_from_file(directory: str | os.PathLike, dtype=jnp.float32) -> dict:
+  """The adapted weights' shapes, read from a PEFT adapter's tensors alone.
+
+  Returns a params tree of ``jax.ShapeDtypeStruct`` (``layers_{i}/...``
+  naming, Dense ``kernel: [in, out]``, Embed ``embedding: [vocab, dim]``) that
+  :func:`load` accepts in place of the real base when the base is not at
+  hand; without the base nothing checks that the adapter fits a model, and
+  embedding base copies in the file cannot be verified (``load`` refuses them).
+
+  Example:
+    >>> shapes = params_from_file("my_peft_adapter")          # doctest: +SKIP
+    >>> adapter, cfg = load("my_peft_adapter", shapes)        # doctest: +SKIP
+  """
+  flat = {}
+  for name, parts in split_keys(read_tensors(directory)).items():
+    if "A" not in parts or "B" not in parts:
+      raise ValueError(f"{WEIGHTS_NAME}: module {name!r} lacks its lora_A or lora_B tensor")
+    kind = parts["A"][2]
+    path, _ = jlora_param_path(name, "embedding" if kind == "embed" else "kernel")
+    shape = (parts["A"][1].shape[-1], parts["B"][1].shape[0])
+    flat[path] = jax.ShapeDtypeStruct(shape, dtype)
+  return paths.unflatten(flat)
+
+
 # ---------------------------------------------------------------- load
 
 def load(directory: str | os.PathLike, params: Any, *, model=None, args=(), kwargs=None,
@@ -301,9 +325,15 @@ def load(directory: str | os.PathLike, params: Any, *, model=None, args=(), kwar
   Example:
     >>> adapter, cfg = jlora.peft.load("my_peft_adapter", params)  # doctest: +SKIP
   """
-  d = pc.read(directory)
   if layers is None and model is not None:
     layers = _trace(model, params, args, kwargs)
+  return read(directory, params, layers=layers, dtype=dtype)
+
+
+def read(directory, params, *, layers=None, dtype=jnp.float32, check_base_copies=True):
+  """:func:`load` without tracing; ``check_base_copies=False`` skips comparing
+  embedding base copies in the file with ``params`` (for ``jlora inspect``)."""
+  d = pc.read(directory)
   table = sites(params, layers)
   modules = split_keys(read_tensors(directory))
   _check_coverage(d, modules, table)
@@ -311,7 +341,8 @@ def load(directory: str | os.PathLike, params: Any, *, model=None, args=(), kwar
   for name, parts in modules.items():
     site = table[name]
     rank, alpha = _check_module(name, parts, site, d)
-    _check_base_copy(name, parts, site)
+    if check_base_copies:
+      _check_base_copy(name, parts, site)
     per_layer[name] = (rank, alpha, parts)
   nodes = _build_nodes(per_layer, table, d, dtype)
   adapter = paths.unflatten(nodes)
