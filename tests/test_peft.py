@@ -111,6 +111,25 @@ def peft_dir(request, base, tmp_path_factory):
   return name, d, pm
 
 
+@pytest.fixture(scope="module")
+def hf(base):
+  """The base loaded by jlora.interop.from_hf: (model, params), unscanned and scanned."""
+  return {scan: jlora.interop.from_hf(base[0], scan_layers=scan) for scan in (False, True)}
+
+
+IDS = np.random.default_rng(0).integers(0, 128, (2, 7))
+
+
+def _jlora_logits(model, params, adapter):
+  run = jax.jit(lambda p, a, x: jlora.apply(model, {"params": p}, a, x))
+  return np.asarray(run(params, adapter, jnp.asarray(IDS)))
+
+
+def _peft_logits(pm):
+  with torch.no_grad():
+    return pm(input_ids=torch.tensor(IDS)).logits.numpy()
+
+
 def _peft_layers(pm):
   from peft.tuners.lora import LoraLayer
   return {n[len("base_model.model."):]: m for n, m in pm.named_modules()
@@ -159,6 +178,20 @@ def test_load_layouts_ranks_and_scales(peft_dir, base):
 def _merged_torch(pm):
   merged = copy.deepcopy(pm).merge_and_unload()
   return params_from_torch(merged)
+
+
+def test_logits_match_peft(peft_dir, hf):
+  """A PEFT adapter loaded into jlora gives PEFT's logits (to 1e-5), on the base
+  loaded by from_hf, scanned or not (the per-layer alpha of "plain" cannot be
+  one stacked LoRA: see test_scanned_params)."""
+  name, d, pm = peft_dir
+  want = _peft_logits(pm)
+  for scan in (False, True) if name != "plain" else (False,):
+    model, params = hf[scan]
+    adapter, _ = jlora.peft.load(d, params, model=model, args=(jnp.zeros((1, 3), jnp.int32),))
+    got = _jlora_logits(model, params, adapter)
+    assert rel_err(got, want) < 1e-5, scan
+  assert rel_err(np.asarray(model.apply({"params": params}, jnp.asarray(IDS))), want) > 1e-2
 
 
 @pytest.mark.parametrize("jit", [False, True])
@@ -269,10 +302,10 @@ def _trained(params, cfg, seed):
 
 
 @pytest.mark.parametrize("which", sorted(JLORA_CONFIGS))
-def test_jlora_adapter_loads_in_peft(which, base, tmp_path):
+def test_jlora_adapter_loads_in_peft(which, base, hf, tmp_path):
   """An adapter made in jlora, saved with jlora.peft.save, loads in PEFT: PEFT's
-  merge_and_unload equals jlora.merge at every weight, and loading it back
-  gives the same adapter and config."""
+  logits equal jlora.apply's, PEFT's merge_and_unload equals jlora.merge at
+  every weight, and loading it back gives the same adapter and config."""
   cfg = JLORA_CONFIGS[which]
   params = params_from_torch(base[1])
   adapter = _trained(params, cfg, seed=len(which))
@@ -280,10 +313,13 @@ def test_jlora_adapter_loads_in_peft(which, base, tmp_path):
   config = json.loads((tmp_path / "adapter_config.json").read_text())
   back = peft.PeftModel.from_pretrained(copy.deepcopy(base[1]), tmp_path).eval()
   assert len(_peft_layers(back)) == len(jlora.adapter.loras(adapter))
+  back_logits = _peft_logits(back)
   ref = paths.flatten(params_from_torch(back.merge_and_unload()))
   ours = paths.flatten(jax.jit(jlora.merge)(params, adapter))
   for k in ref:
     assert rel_err(ours[k], ref[k]) < 1e-6, k
+  model, hf_params = hf[False]
+  assert rel_err(_jlora_logits(model, hf_params, adapter), back_logits) < 1e-5
   again, cfg2 = jlora.peft.load(tmp_path, params)
   for p, lo in jlora.adapter.loras(adapter).items():
     lo2 = jlora.adapter.loras(again)[p]
