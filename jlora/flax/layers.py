@@ -245,13 +245,14 @@ def _strip_bias(call: LayerCall, y: jax.Array) -> jax.Array:
 
 
 def dora_scale(weight: jax.Array, lo: L.LoRA) -> jax.Array:
-  """``g = m / ‖W + ΔW‖`` per output feature, ``[*out_dims]`` in float32.
+  """``g = m / ‖W + ΔW‖`` per output feature, ``[*out_dims]``.
 
   The norm is a constant for the gradient (``stop_gradient``, as PEFT's
   ``detach``) and is computed without forming ``W + ΔW``:
-  ``‖w + s·A b‖² = ‖w‖² + 2s·(Aᵀw)·b + s²·bᵀ(AᵀA)b`` column by column.
+  ``‖w + s·A b‖² = ‖w‖² + 2s·(Aᵀw)·b + s²·bᵀ(AᵀA)b`` column by column
+  (in float32, or float64 for float64 weights).
   """
-  f32 = jnp.float32
+  f32 = jnp.promote_types(weight.dtype, jnp.float32)
   w = jax.lax.stop_gradient(L.as_matrix(weight.astype(f32), lo))            # [in, out]
   a = jax.lax.stop_gradient(lo.a.astype(f32).reshape(-1, lo.a.shape[-1]))  # [in, r]
   b = jax.lax.stop_gradient(lo.b.astype(f32).reshape(lo.b.shape[0], -1))   # [r, out]

@@ -68,6 +68,20 @@ def _slot(module: nn.Module, name: str) -> Slot | None:
   return v if isinstance(v, Slot) else None
 
 
+def _check_no_slot(module: nn.Module, method: str) -> None:
+  """Raises when a module jlora does not intercept owns an adapted/quantized weight."""
+  if module.scope is None:
+    return
+  own = module.scope.variables().get("params", {})
+  slots = [v.path for v in (meta.unbox(x) for x in own.values()) if isinstance(v, Slot)]
+  if slots:
+    raise ValueError(
+        f"the adapted or quantized weight at {slots} is read by {type(module).__name__}."
+        f"{method}, which jlora does not intercept: only the standard layers (nn.Dense, "
+        "nn.DenseGeneral, nn.Einsum, nn.Conv, nn.ConvTranspose, nn.Embed) with their own "
+        "methods can take an adapter or a quantized weight")
+
+
 def _input(args, kwargs, method):
   if args:
     return args[0], args[1:], kwargs
@@ -146,7 +160,8 @@ class Interceptor:
   Attributes:
     seen: paths of the slots a supported layer has used.
     record: when a dict, tracing mode: ``{path: LayerInfo | (kind, error)}`` is
-      filled (per-layer kinds and axes) and no low-rank term is added.
+      filled for every supported layer call (the plain weight's path is its
+      scope path) and no low-rank term is added.
     stored_ndim: ``{path: ndim}`` of the stored weights (tracing mode).
   """
 
@@ -159,37 +174,45 @@ class Interceptor:
     module, method = context.module, context.method_name
     found = _supported(module, method)
     if found is None:
+      _check_no_slot(module, method)
       return next_fun(*args, **kwargs)
     cls, name = found
     slot = _slot(module, name)
     if slot is None:
+      if self.record is not None and method != "setup":
+        self._record_plain(module, cls, name, method, args, kwargs)
       return next_fun(*args, **kwargs)
     if method == "setup":    # Embed: the slot stands in for `self.embedding`
       return None
     self.seen.add(slot.path)
     if self.record is not None:
-      return self._record(module, cls, method, slot, args, kwargs)
+      self._record(module, cls, method, slot, args, kwargs)
     call = _call(module, cls, method, slot, args, kwargs)
     rate = slot.lora.dropout if slot.lora is not None else 0.0
     key = module.make_rng("dropout") if rate > 0 and module.scope.has_rng("dropout") else None
     return layers.forward(call, slot.lora, slot.weight, key)
 
+  def _record_plain(self, module, cls, name, method, args, kwargs):
+    if module.scope is None or not module.scope.has_variable("params", name):
+      return
+    weight = meta.unbox(module.scope.get_variable("params", name))
+    path = paths.SEP.join((*module.scope.path, name))
+    if path in self.stored_ndim:
+      self._record(module, cls, method, Slot(weight, None, path), args, kwargs)
+
   def _record(self, module, cls, method, slot, args, kwargs):
-    x, rest, kw = _input(args, kwargs, method)
-    base = _base_fn(module, method, SUPPORTED[cls][0], slot, rest, kw)
     try:
       call = _call(module, cls, method, slot, args, kwargs)
       info = layers.layer_info(call, slot.weight.ndim, self.stored_ndim[slot.path])
     except ValueError as e:
       self.record[slot.path] = (KINDS[cls], str(e))
-      return base(x)
+      return
     old = self.record.get(slot.path)
     if isinstance(old, L.LayerInfo) and old != info:
       self.record[slot.path] = (info.kind, f"{slot.path}: the weight is used by two layers in "
                                            f"different ways ({old} and {info})")
     elif old is None:
       self.record[slot.path] = info
-    return base(x)
 
 
 def inject(params: Any, slots: Mapping[str, L.LoRA | None]) -> Any:
@@ -244,14 +267,13 @@ def _slots(flat: Mapping[str, Any], adapter: Any) -> dict[str, L.LoRA | None]:
 def trace(model: nn.Module, params: Any, args, kwargs=None, *, collections=None,
           method=None) -> dict[str, Any]:
   """Traces ``model.apply`` abstractly (``jax.eval_shape``) and returns, for each
-  ``kernel``/``embedding`` weight used by a supported layer, its
-  :class:`~jlora.lora.LayerInfo` (or ``(kind, error message)`` where LoRA cannot fit)."""
+  weight a supported layer uses, its :class:`~jlora.lora.LayerInfo` (or
+  ``(kind, error message)`` where LoRA cannot fit). Quantized weights are
+  placed in slots (so the layers dequantize them); the others are read in place."""
   flat = paths.flatten(params)
-  cands = {p: None for p, w in flat.items()
-           if p.rpartition(paths.SEP)[2] in ("kernel", "embedding") and len(w.shape) >= 2}
   record: dict[str, Any] = {}
-  icpt = Interceptor(record, {p: len(flat[p].shape) for p in cands})
-  run_params = inject(params, cands)
+  icpt = Interceptor(record, {p: len(w.shape) for p, w in flat.items() if len(w.shape) >= 2})
+  run_params = inject(params, {p: None for p, w in flat.items() if layers.is_quantized(w)})
 
   def run(p):
     with nn.intercept_methods(icpt):
