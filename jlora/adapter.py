@@ -82,7 +82,12 @@ def init_adapter(key: jax.Array, params: Any, cfg: LoraConfig, *,
                      f"(paths look like: {some}{', ...' if len(flat) > 6 else ''})")
   adapter = paths.unflatten(out)
   if return_base:
-    return adapter, (unmerge(params, adapter) if cfg.init == "pissa" else params)
+    if cfg.init != "pissa":
+      return adapter, params
+    # the residual W - s·a@b; with DoRA too (PEFT's order: PiSSA first, then the magnitude)
+    lora_only = jax.tree.map(lambda lo: lo.replace(magnitude=None), adapter,
+                             is_leaf=lambda x: isinstance(x, L.LoRA))
+    return adapter, unmerge(params, lora_only)
   return adapter
 
 
