@@ -379,6 +379,9 @@ def test_small_loads(small):
     ("peft_type", "IA3", r"peft_type='IA3'"),
     ("some_future_field", 3, r"some_future_field=3 \(a field jlora does not know\)"),
     ("rank_pattern", {"v_proj(": 2}, r"rank_pattern key 'v_proj\(' does not compile"),
+    ("rank_pattern", {"v_proj": 0}, r"rank_pattern\['v_proj'\]=0 \(must be a positive int\)"),
+    ("lora_alpha", -1, r"lora_alpha=-1"),
+    ("use_dora", "yes", r"use_dora='yes'"),
 ])
 def test_unsupported_config_fields_are_named(small, tmp_path, field, value, match):
   d = _copy(small[0], tmp_path, config_edit=lambda c: c.update({field: value}))
@@ -541,3 +544,22 @@ def test_save_checks_cfg(tmp_path, rng):
     jlora.peft.save(tmp_path, ad, jlora.LoraConfig(rank=2, use_dora=True))
   with pytest.raises(ValueError, match=r"PiSSA adapter"):
     jlora.peft.save(tmp_path, ad, jlora.LoraConfig(rank=2, init="pissa"))
+
+
+def test_partial_stack_fills_zero_updates(base, tmp_path):
+  """A DoRA adapter on layer 1 only, loaded into scanned params: layer 0 gets a
+  zero update and the magnitude ‖W‖ (so W is unchanged), as PEFT leaves it."""
+  pm = peft.get_peft_model(copy.deepcopy(base[1]), peft.LoraConfig(
+      r=2, lora_alpha=4, use_dora=True, target_modules=r"model\.layers\.1\.mlp\.up_proj"))
+  _randomize(pm, seed=5)
+  pm.save_pretrained(tmp_path)
+  scanned = params_from_torch(base[1], scanned=True)
+  adapter, cfg = jlora.peft.load(tmp_path, scanned)
+  lo = adapter["layers"]["mlp"]["up_proj"]["kernel"]
+  assert lo.a.shape == (N_LAYERS, 64, 2) and not np.any(np.asarray(lo.a[0]))
+  assert cfg.targets == ["layers/mlp/up_proj"]
+  ours = paths.flatten(jax.jit(jlora.merge)(scanned, adapter))
+  ref = paths.flatten(params_from_torch(pm.merge_and_unload(), scanned=True))
+  for k in ref:
+    assert rel_err(ours[k], ref[k]) < 1e-6, k
+  assert rel_err(ours["layers/mlp/up_proj/kernel"][0], scanned["layers"]["mlp"]["up_proj"]["kernel"][0]) < 1e-6

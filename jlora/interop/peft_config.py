@@ -131,6 +131,15 @@ def _check_values(d: Mapping[str, Any]) -> list[str]:
   r = d.get("r", 8)
   if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
     bad.append(f"r={r!r} (must be a positive int)")
+  alpha = d.get("lora_alpha", 8)
+  if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+    bad.append(f"lora_alpha={alpha!r} (must be a positive number)")
+  dropout = d.get("lora_dropout", 0.0)
+  if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+    bad.append(f"lora_dropout={dropout!r} (must be in [0, 1))")
+  for field in ("use_rslora", "use_dora"):
+    if not isinstance(d.get(field, False), bool):
+      bad.append(f"{field}={d[field]!r} (must be true or false)")
   tm = d.get("target_modules")
   if tm is None or (not isinstance(tm, str) and not _is_str_list(tm)):
     bad.append(f"target_modules={tm!r} (must be a list of module names or a regex string)")
@@ -142,11 +151,16 @@ def _check_values(d: Mapping[str, Any]) -> list[str]:
     if not isinstance(pat, dict):
       bad.append(f"{field}={pat!r} (must be a mapping)")
       continue
-    for key in pat:
+    for key, value in pat.items():
       try:
         re.compile(key)
       except re.error as e:
         bad.append(f"{field} key {key!r} does not compile ({e})")
+      ok = (isinstance(value, int) and value > 0 if field == "rank_pattern"
+            else isinstance(value, (int, float)) and value > 0)
+      if not ok or isinstance(value, bool):
+        bad.append(f"{field}[{key!r}]={value!r} (must be a positive "
+                   f"{'int' if field == 'rank_pattern' else 'number'})")
   return bad
 
 
