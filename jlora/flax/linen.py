@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
+import numpy as np
 from flax.core import meta
 
 from jlora import lora as L
@@ -275,9 +276,13 @@ def trace(model: nn.Module, params: Any, args, kwargs=None, *, collections=None,
   icpt = Interceptor(record, {p: len(w.shape) for p, w in flat.items() if len(w.shape) >= 2})
   run_params = inject(params, {p: None for p, w in flat.items() if layers.is_quantized(w)})
 
-  def run(p):
+  leaves, tree = jax.tree.flatten((tuple(args), dict(kwargs or {})))
+  dynamic = [isinstance(v, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) for v in leaves]
+
+  def run(p, dyn):
+    it = iter(dyn)
+    a, kw = jax.tree.unflatten(tree, [next(it) if d else v for v, d in zip(leaves, dynamic)])
     with nn.intercept_methods(icpt):
-      return model.apply({**(collections or {}), "params": p}, *args, method=method,
-                         **(kwargs or {}))
-  jax.eval_shape(run, run_params)
+      return model.apply({**(collections or {}), "params": p}, *a, method=method, **kw)
+  jax.eval_shape(run, run_params, [v for v, d in zip(leaves, dynamic) if d])
   return record
