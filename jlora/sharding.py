@@ -463,7 +463,7 @@ def state_shardings(state: Any, adapter_shardings: Any, mesh: Mesh | None = None
 def shard_train_step(step: Callable, mesh: Mesh, *, base_shardings: Any,
                      adapter_shardings: Any, state_shardings: Any,
                      batch_sharding: NamedSharding | None = None, rules=None,
-                     donate: bool = True) -> Callable:
+                     donate: bool = True, compiler_options: dict | None = None) -> Callable:
   """Compiles a training step with explicit shardings for every argument.
 
   ``step(adapter, opt_state, base, batch, rng) -> (adapter, opt_state, metrics)``
@@ -488,6 +488,7 @@ def shard_train_step(step: Callable, mesh: Mesh, *, base_shardings: Any,
       size must divide evenly.
     rules: logical axis rules (:data:`DEFAULT_RULES`).
     donate: donate the adapter's and optimizer state's buffers.
+    compiler_options: passed to ``jax.jit`` (XLA options for this step only).
 
   Returns:
     ``sharded_step(adapter, opt_state, base, batch, rng=None)``; its
@@ -506,7 +507,7 @@ def shard_train_step(step: Callable, mesh: Mesh, *, base_shardings: Any,
       step,
       in_shardings=(adapter_shardings, state_shardings, base_shardings, batch_sharding, rep),
       out_shardings=(adapter_shardings, state_shardings, rep),
-      donate_argnums=(0, 1) if donate else ())
+      donate_argnums=(0, 1) if donate else (), compiler_options=compiler_options)
 
   def sharded_step(adapter, opt_state, base, batch, rng=None):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -563,7 +564,8 @@ def greedy_decode(logits_fn: Callable, base: Any, adapter: Any, prompt: jax.Arra
 
 
 def shard_generate(logits_fn: Callable, mesh: Mesh, *, base_shardings: Any,
-                   adapter_shardings: Any, max_new_tokens: int, rules=None) -> Callable:
+                   adapter_shardings: Any, max_new_tokens: int, rules=None,
+                   compiler_options: dict | None = None) -> Callable:
   """A compiled, sharded :func:`greedy_decode`: ``generate(base, adapter, prompt) -> ids``.
 
   The base and adapter stay in their shardings, the prompt and the output are
@@ -578,7 +580,8 @@ def shard_generate(logits_fn: Callable, mesh: Mesh, *, base_shardings: Any,
   rules = DEFAULT_RULES if rules is None else rules
   batch = NamedSharding(mesh, _batch_spec(rules, 2))
   jitted = jax.jit(lambda b, ad, ids: greedy_decode(logits_fn, b, ad, ids, max_new_tokens),
-                   in_shardings=(base_shardings, adapter_shardings, batch), out_shardings=batch)
+                   in_shardings=(base_shardings, adapter_shardings, batch), out_shardings=batch,
+                   compiler_options=compiler_options)
 
   def generate(base, adapter, prompt):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
