@@ -1,0 +1,317 @@
+"""A Llama-family decoder (Llama 2/3, TinyLlama, Mistral, Qwen2) in plain Flax Linen.
+
+Nothing here knows about LoRA: projections are ``nn.Dense`` (kernel
+``[in, out]``) and the embedding is ``nn.Embed``, so ``jlora.apply`` adapts the
+model by intercepting those layers. Module names are Hugging Face's, so
+parameter paths read like PEFT's module names::
+
+  embed_tokens/embedding                 [vocab, hidden]
+  layers_{i}/self_attn/{q,k,v,o}_proj/kernel, bias
+  layers_{i}/mlp/{gate,up,down}_proj/kernel
+  layers_{i}/{input,post_attention}_layernorm/scale
+  norm/scale, lm_head/kernel             [hidden, vocab] (absent when tied)
+
+With ``scan_layers=True`` the layers are one ``nn.scan`` named ``layers``
+whose parameters carry a leading ``[num_hidden_layers]`` axis. Every
+parameter is boxed with logical axis names ("vocab", "embed", "heads",
+"kv_heads", "mlp", "layers") by ``nn.with_logical_partitioning``;
+``jlora.sharding.param_shardings`` maps them onto a mesh (``nn.unbox`` or
+:func:`unboxed_init` gives the plain arrays).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jlora.models.config import ACTIVATIONS, LlamaConfig, remat_policy
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Keys and values of every layer for incremental decoding.
+
+  Attributes:
+    k / v: ``[num_hidden_layers, batch, max_len, num_key_value_heads, head_size]``
+      (RoPE already applied to ``k``).
+    mask: ``[batch, max_len]`` bool, True where a slot holds a real (non-padding) token.
+    index: int32 scalar, the number of slots filled so far (the next write position).
+  """
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def init(cls, config: LlamaConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+    """An empty cache for ``batch`` sequences of up to ``max_len`` tokens.
+
+    Example:
+      >>> from jlora.models.config import preset
+      >>> KVCache.init(preset("tiny"), batch=2, max_len=8).k.shape
+      (2, 2, 8, 2, 16)
+    """
+    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads,
+             config.head_size)
+    dtype = config.dtype if dtype is None else dtype
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+
+def _boxed(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+def _dense(cfg: LlamaConfig, features: int, names: tuple[str, str], use_bias: bool,
+           name: str) -> nn.Dense:
+  return nn.Dense(features, use_bias=use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                  kernel_init=_boxed(nn.initializers.normal(cfg.initializer_range), names),
+                  bias_init=_boxed(nn.initializers.zeros_init(), names[1:]), name=name)
+
+
+def _lead(x: jax.Array, ndim: int) -> jax.Array:
+  """``x`` with leading size-1 axes up to ``ndim`` (explicit broadcasting)."""
+  return x.reshape((1,) * (ndim - x.ndim) + x.shape)
+
+
+class RMSNorm(nn.Module):
+  """``x / sqrt(mean(x²) + eps) · scale`` over the last axis, in float32 (as HF)."""
+  eps: float
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", _boxed(nn.initializers.ones_init(), ("embed",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return _lead(scale.astype(self.dtype), x.ndim) * y.astype(self.dtype)
+
+
+def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
+  """Inverse RoPE frequencies ``[head_size // 2]`` (float32), with ``rope_scaling``.
+
+  Matches Hugging Face's "default", "linear" and "llama3" rope types.
+  """
+  dim = cfg.head_size
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+  sc = cfg.rope_scaling
+  if sc is not None and sc.kind == "linear":
+    inv = inv / sc.factor
+  elif sc is not None and sc.kind == "llama3":
+    old = sc.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old / sc.low_freq_factor, inv / sc.factor, inv)
+    smooth = (old / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
+    blended = (1 - smooth) * scaled / sc.factor + smooth * scaled
+    medium = (wavelen >= old / sc.high_freq_factor) & (wavelen <= old / sc.low_freq_factor)
+    inv = np.where(medium, blended, scaled)
+  return inv.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotates ``x: [batch, seq, heads, head_size]`` by ``positions: [batch, seq]``.
+
+  Hugging Face's convention: the two halves of each head are the (real,
+  imaginary) parts, ``x·cos + rotate_half(x)·sin``.
+  """
+  freqs = positions.astype(jnp.float32)[..., None] * _lead(jnp.asarray(inv_freq), 3)
+  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]   # [B, T, 1, H]
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query attention with RoPE; optional KV cache (``kv``, ``index``)."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, kv=None, index=None):
+    c = self.config
+    b, t, _ = x.shape
+    n, k_heads, h = c.num_attention_heads, c.num_key_value_heads, c.head_size
+    q = _dense(c, n * h, ("embed", "heads"), c.qkv_bias, "q_proj")(x).reshape(b, t, n, h)
+    k = _dense(c, k_heads * h, ("embed", "kv_heads"), c.qkv_bias, "k_proj")(x)
+    v = _dense(c, k_heads * h, ("embed", "kv_heads"), c.qkv_bias, "v_proj")(x)
+    inv_freq = rope_frequencies(c)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k.reshape(b, t, k_heads, h), positions, inv_freq)
+    v = v.reshape(b, t, k_heads, h)
+    if kv is not None:
+      k = lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+      v = lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+      kv = (k, v)
+    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
+                                       scale=h ** -0.5, implementation=c.attention_impl)
+    out = _dense(c, c.hidden_size, ("heads", "embed"), c.o_bias, "o_proj")(
+        out.reshape(b, t, n * h))
+    return out, kv
+
+
+class MLP(nn.Module):
+  """SwiGLU: ``down(act(gate(x)) · up(x))``."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    gate = _dense(c, c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "gate_proj")(x)
+    up = _dense(c, c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "up_proj")(x)
+    return _dense(c, c.hidden_size, ("mlp", "embed"), c.mlp_bias, "down_proj")(
+        ACTIVATIONS[c.hidden_act](gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, kv=None, index=None):
+    c = self.config
+    norm = lambda name: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name=name)
+    h, kv = Attention(c, name="self_attn")(norm("input_layernorm")(x), positions, mask, kv, index)
+    x = x + h
+    x = x + MLP(c, name="mlp")(norm("post_attention_layernorm")(x))
+    return nn.with_logical_constraint(x, ("batch", "length", "embed")), kv
+
+
+def _layer_class(cfg: LlamaConfig):
+  if cfg.remat is None:
+    return DecoderLayer
+  return nn.remat(DecoderLayer, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+
+
+def causal_mask(query_slots: jax.Array, key_valid: jax.Array,
+                   sliding_window: int | None = None) -> jax.Array:
+  """Boolean mask ``[batch, 1, T, S]``: causal by slot, padding keys and window excluded.
+
+  Args:
+    query_slots: ``[T]`` slot (cache position) of each query.
+    key_valid: ``[batch, S]`` True where the key slot holds a real token.
+    sliding_window: keep only keys with ``slot > query_slot - sliding_window``.
+  """
+  keys = jnp.arange(key_valid.shape[1])[None, :]
+  allowed = keys <= query_slots[:, None]
+  if sliding_window is not None:
+    allowed = allowed & (keys > query_slots[:, None] - sliding_window)
+  return allowed[None, None, :, :] & key_valid[:, None, None, :]
+
+
+class Llama(nn.Module):
+  """Llama-family causal language model.
+
+  ``model.apply({"params": p}, input_ids)`` -> logits ``[batch, seq, vocab]``.
+
+  Args (of ``__call__``):
+    input_ids: ``[batch, seq]`` integer token ids.
+    attention_mask: optional ``[batch, seq]`` (1/True = real token, 0 =
+      padding); padding keys are never attended to.
+    positions: optional ``[batch, seq]`` RoPE positions; by default the slot
+      index (``arange(seq)``, offset by ``cache.index``), as Hugging Face's
+      forward does. With left padding pass ``cumsum(mask) - 1``.
+    cache: optional :class:`KVCache`; then returns ``(logits, new_cache)``
+      with the new keys/values written at ``cache.index``.
+
+  Example:
+    >>> from jlora.models.config import preset
+    >>> model = Llama(preset("tiny"))
+    >>> ids = jnp.ones((2, 5), jnp.int32)
+    >>> params = unboxed_init(model, jax.random.key(0), ids)
+    >>> model.apply({"params": params}, ids).shape
+    (2, 5, 128)
+  """
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+    c = self.config
+    _check_inputs(input_ids, attention_mask, positions)
+    b, t = input_ids.shape
+    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
+                     embedding_init=_boxed(nn.initializers.normal(c.initializer_range),
+                                           ("vocab", "embed")), name="embed_tokens")
+    x = nn.with_logical_constraint(embed(input_ids), ("batch", "length", "embed"))
+    valid = (jnp.ones((b, t), bool) if attention_mask is None
+             else jnp.asarray(attention_mask).astype(bool))
+    index = None if cache is None else cache.index
+    slots = jnp.arange(t) if cache is None else cache.index + jnp.arange(t)
+    key_valid = valid if cache is None else lax.dynamic_update_slice(cache.mask, valid,
+                                                                     (0, cache.index))
+    if positions is None:
+      positions = jnp.broadcast_to(slots[None, :], (b, t))
+    mask = causal_mask(slots, key_valid, c.sliding_window)
+    kv = None if cache is None else (cache.k, cache.v)
+    x, kv = self._layers(x, positions, mask, kv, index)
+    x = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="norm")(x)
+    if c.tie_word_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = _dense(c, c.vocab_size, ("embed", "vocab"), False, "lm_head")(x)
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    if cache is None:
+      return logits
+    return logits, KVCache(k=kv[0], v=kv[1], mask=key_valid, index=cache.index + t)
+
+  def _layers(self, x, positions, mask, kv, index):
+    c, layer = self.config, _layer_class(self.config)
+    if c.scan_layers:
+      stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                      length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      return stack(c, name="layers")(x, positions, mask, kv, index)
+    new = []
+    for i in range(c.num_hidden_layers):
+      x, kv_i = layer(c, name=f"layers_{i}")(
+          x, positions, mask, None if kv is None else (kv[0][i], kv[1][i]), index)
+      new.append(kv_i)
+    if kv is None:
+      return x, None
+    return x, (jnp.stack([k for k, _ in new]), jnp.stack([v for _, v in new]))
+
+
+def _check_inputs(input_ids, attention_mask, positions):
+  shape = getattr(input_ids, "shape", None)
+  if shape is None or len(shape) != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+    raise ValueError(f"Llama: input_ids must be [batch, seq] integer ids, got "
+                     f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} {shape}")
+  for name, x in (("attention_mask", attention_mask), ("positions", positions)):
+    if x is not None and tuple(jnp.shape(x)) != tuple(shape):
+      raise ValueError(f"Llama: {name} has shape {list(jnp.shape(x))} but input_ids is "
+                       f"{list(shape)}")
+
+
+def unboxed_init(model: Llama, key: jax.Array, input_ids: jax.Array) -> dict:
+  """``model.init`` (jitted) without the logical-axis boxes: the plain ``params`` tree.
+
+  Example:
+    >>> from jlora.models.config import preset
+    >>> p = unboxed_init(Llama(preset("tiny")), jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+    >>> p["layers_0"]["self_attn"]["q_proj"]["kernel"].shape
+    (64, 64)
+  """
+  return nn.unbox(jax.jit(model.init)(key, input_ids)["params"])
+
+
+def abstract_params(config: LlamaConfig) -> dict:
+  """The boxed parameter tree as ``jax.ShapeDtypeStruct`` leaves (no memory spent).
+
+  Each leaf is an ``nn.LogicallyPartitioned`` whose ``names`` are the logical
+  axes: pass the tree to ``jlora.sharding.param_shardings`` for a mesh.
+
+  Example:
+    >>> from jlora.models.config import preset
+    >>> tree = abstract_params(preset("llama-3-8b"))
+    >>> tree["embed_tokens"]["embedding"].names
+    ('vocab', 'embed')
+  """
+  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  return jax.eval_shape(lambda k, x: Llama(config).init(k, x), jax.random.key(0), ids)["params"]
