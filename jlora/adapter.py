@@ -17,6 +17,8 @@ from jlora import combining as C
 from jlora import lora as L
 from jlora import paths
 from jlora.config import LoraConfig
+from jlora.quant import merge as quant_merge
+from jlora.quant.qarray import QArray
 
 
 def loras(adapter: Any) -> dict[str, L.LoRA]:
@@ -118,12 +120,18 @@ def _pair(params: Any, adapter: Any, what: str) -> tuple[dict[str, L.LoRA], dict
   return ads, flat
 
 
-def merge(params: Any, adapter: Any) -> Any:
+def merge(params: Any, adapter: Any, *, report: bool = False) -> Any:
   """``W + scale · a @ b`` at every adapted path (DoRA: PEFT's merged weight).
 
   Returns a new tree of the same structure and dtypes as ``params``; paths
   without an adapter are returned as they are. Raises a ValueError naming the
   path and shapes when adapter and base disagree.
+
+  A quantized weight (:class:`~jlora.quant.QArray`) is dequantized, merged and
+  quantized again with its own scheme, which adds a fresh rounding error
+  (see ``jlora.quant.merge``); with ``report=True`` the result is
+  ``(merged, errors)``, ``errors[path] = ‖deq(merged) - (W + ΔW)‖ / ‖W + ΔW‖``
+  for each re-quantized path (``unmerge`` likewise).
 
   Example:
     >>> p = {"d": {"kernel": jnp.ones((4, 6))}}
@@ -132,17 +140,30 @@ def merge(params: Any, adapter: Any) -> Any:
     True
   """
   ads, _ = _pair(params, adapter, "merge")
-  return paths.map_with_path(lambda p, w: L.merge_weight(w, ads[p]) if p in ads else w, params)
+  errors = {}
+  out = paths.map_with_path(
+      lambda p, w: _merge_one(w, ads[p], p, errors, False) if p in ads else w, params)
+  return (out, errors) if report else out
 
 
-def unmerge(params: Any, adapter: Any) -> Any:
+def unmerge(params: Any, adapter: Any, *, report: bool = False) -> Any:
   """Subtracts ``scale · a @ b`` at every adapted path: ``unmerge(merge(p, a), a) ≈ p``.
 
   DoRA adapters raise (the merge is not invertible from the merged weight).
   """
   ads, _ = _pair(params, adapter, "unmerge")
-  return paths.map_with_path(
-      lambda p, w: L.unmerge_weight(w, ads[p], p) if p in ads else w, params)
+  errors = {}
+  out = paths.map_with_path(
+      lambda p, w: _merge_one(w, ads[p], p, errors, True) if p in ads else w, params)
+  return (out, errors) if report else out
+
+
+def _merge_one(w, lo: L.LoRA, p: str, errors: dict, subtract: bool):
+  """Merges (or unmerges) one weight; a QArray is re-quantized and its error kept in ``errors``."""
+  if isinstance(w, QArray):
+    w, errors[p] = quant_merge.merge_weight(w, lo, subtract=subtract, path=p)
+    return w
+  return L.unmerge_weight(w, lo, p) if subtract else L.merge_weight(w, lo)
 
 
 def delta(adapter: Any, dtype=None) -> dict:
@@ -217,7 +238,8 @@ def combine(adapters, weights=None, method: str = "cat", *, rank: int | None = N
     method: one of "cat", "linear", "svd", "ties", "dare", "dare_ties",
       "magnitude_prune".
     rank: result rank for the SVD-based methods (default: the largest input
-      rank at each path); at most ``min(∏in_dims, ∏out_dims)``.
+      rank at each path), capped at each weight's full rank
+      ``min(∏in_dims, ∏out_dims)``, where the truncated SVD is exact.
     density: fraction of entries kept, in ``[0, 1]`` (``(0, 1]`` for DARE);
       required by the pruning methods.
     key: PRNG key; required by "dare" and "dare_ties".
@@ -312,11 +334,9 @@ def _check_same_rank(los, path):
 
 
 def _combine_rank(los, rank, path):
+  """The requested rank (default: the largest input rank), capped at the full rank."""
   lo = los[0]
-  full = min(math.prod(lo.in_dims), math.prod(lo.out_dims))
   r = max(x.rank for x in los) if rank is None else rank
-  if not isinstance(r, int) or isinstance(r, bool) or not 0 < r <= full:
-    raise ValueError(f"combine: rank {r!r} at {path!r} must be a positive int of at most "
-                     f"{full} (the kernel {list(lo.kernel_shape)} is a "
-                     f"[{math.prod(lo.in_dims)}, {math.prod(lo.out_dims)}] matrix)")
-  return r
+  if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+    raise ValueError(f"combine: rank must be a positive int, got {r!r} (at {path!r})")
+  return min(r, math.prod(lo.in_dims), math.prod(lo.out_dims))

@@ -1,0 +1,161 @@
+"""bitsandbytes 4-bit weights as transformers serializes them, both ways.
+
+A ``bitsandbytes.nn.Linear4bit`` saved under the name ``<m>`` writes
+(``Linear4bit._save_to_state_dict`` -> ``QuantState.as_dict(packed=True)``):
+
+  <m>.weight                        uint8 [ceil(out·in / 2), 1]  packed codes
+  <m>.weight.absmax                 float32 [nb]; uint8 [nb] when double-quantized
+  <m>.weight.quant_map              float32 [16]                 the code book
+  <m>.weight.nested_absmax          float32 [ceil(nb / 256)]     (double quant only)
+  <m>.weight.nested_quant_map       float32 [256]                (double quant only)
+  <m>.weight.quant_state.bitsandbytes__nf4 (or __fp4)
+                                    uint8 JSON: quant_type, blocksize, dtype,
+                                    shape [out, in], and with double quant
+                                    nested_blocksize, nested_dtype, nested_offset
+
+The PyTorch weight is ``[out, in]``; jlora's :class:`QArray` holds the same
+bits as a Flax kernel ``[in, out]`` (its ``matrix_shape``), so nothing is
+re-quantized either way.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import numpy as np
+
+from jlora.quant import codebooks as C
+from jlora.quant.blockwise import NESTED_BLOCK, num_blocks
+from jlora.quant.qarray import QArray
+
+STATE_KEY = ".quant_state.bitsandbytes__"
+BNB_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+BNB_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def to_bnb(q: QArray, name: str = "weight") -> dict[str, np.ndarray]:
+  """The tensors bitsandbytes would save for a 2-D NF4/FP4 kernel ``q`` (``[in, out]``), keyed ``name...``.
+
+  Example:
+    >>> tensors = to_bnb(quantize_array(jnp.ones((64, 32))), "lin.weight")   # doctest: +SKIP
+    >>> sorted(tensors)[0]
+    'lin.weight'
+  """
+  _check_exportable(q, name)
+  rows, cols = q.matrix_shape
+  n = rows * cols
+  out = {name: np.asarray(q.codes).reshape(-1)[:(n + 1) // 2].reshape(-1, 1),
+         f"{name}.absmax": np.asarray(q.scales),
+         f"{name}.quant_map": C.TABLES[q.scheme].copy()}
+  state = {"quant_type": q.scheme, "blocksize": int(q.block_size),
+           "dtype": np.dtype(q.dtype).name, "shape": [cols, rows]}
+  if q.double_quant:
+    out[f"{name}.nested_absmax"] = np.asarray(q.nested_scales)
+    out[f"{name}.nested_quant_map"] = C.dynamic_map().copy()
+    state.update(nested_blocksize=NESTED_BLOCK, nested_dtype="float32",
+                 nested_offset=float(np.asarray(q.offset)))
+  out[f"{name}{STATE_KEY}{q.scheme}"] = np.frombuffer(json.dumps(state).encode("utf-8"), np.uint8)
+  return out
+
+
+def _check_exportable(q: QArray, name: str) -> None:
+  if q.lead_shape:
+    raise ValueError(f"{name}: bitsandbytes stores one 2-D weight per tensor; this QArray has "
+                     f"shape {list(q.shape)} (export each q[i] of a stacked kernel separately)")
+  if q.scheme not in C.BNB_SCHEMES:
+    raise ValueError(f"{name}: bitsandbytes 4-bit supports {C.BNB_SCHEMES}, not {q.scheme!r}")
+  if q.block_size not in BNB_BLOCK_SIZES:
+    raise ValueError(f"{name}: bitsandbytes accepts block sizes {BNB_BLOCK_SIZES}, got {q.block_size}")
+  if np.dtype(q.dtype).name not in BNB_DTYPES:
+    raise ValueError(f"{name}: bitsandbytes 4-bit weights are {BNB_DTYPES}, not {np.dtype(q.dtype)}")
+
+
+def _state(tensors: Mapping[str, Any], name: str) -> tuple[str, dict]:
+  keys = [k for k in tensors if k.startswith(name + STATE_KEY)]
+  if len(keys) != 1:
+    raise ValueError(f"{name}: expected one '{name}{STATE_KEY}<nf4|fp4>' entry, found {keys}")
+  blob = np.ascontiguousarray(np.asarray(tensors[keys[0]]).astype(np.uint8)).tobytes()
+  return keys[0], json.loads(blob.decode("utf-8"))
+
+
+def _same(a, b) -> bool:
+  a = np.asarray(a, np.float32).reshape(-1)
+  return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def from_bnb(tensors: Mapping[str, Any], name: str = "weight") -> QArray:
+  """Builds the QArray (a Flax kernel ``[in, out]``) from bitsandbytes' tensors for ``name``.
+
+  ``tensors`` maps the keys listed in the module docstring to arrays (NumPy,
+  or anything ``np.asarray`` reads). Raises ValueError for a layout jlora does
+  not reproduce bit for bit (custom code books, other nested block sizes).
+  """
+  _, st = _state(tensors, name)
+  scheme, bs = st["quant_type"], int(st["blocksize"])
+  if scheme not in C.BNB_SCHEMES or len(st["shape"]) != 2:
+    raise ValueError(f"{name}: unsupported bitsandbytes state {st}")
+  if not _same(tensors[f"{name}.quant_map"], C.TABLES[scheme]):
+    raise ValueError(f"{name}: quant_map is not bitsandbytes' {scheme} table")
+  out_f, in_f = (int(d) for d in st["shape"])
+  n, nb = out_f * in_f, num_blocks(out_f * in_f, bs)
+  packed = np.ascontiguousarray(np.asarray(tensors[name])).view(np.uint8).reshape(-1)
+  if packed.size != (n + 1) // 2:
+    raise ValueError(f"{name}: packed weight has {packed.size} bytes, expected {(n + 1) // 2} "
+                     f"for shape {[out_f, in_f]}")
+  zero = int(np.argmin(np.abs(C.TABLES[scheme])))      # pad with the code of 0, as quantizing does
+  codes = np.full(nb * bs // 2, (zero << 4) | zero, np.uint8)
+  codes[:packed.size] = packed
+  nested = offset = None
+  scales = np.asarray(tensors[f"{name}.absmax"])
+  if "nested_offset" in st:
+    if int(st.get("nested_blocksize", NESTED_BLOCK)) != NESTED_BLOCK or \
+        not _same(tensors[f"{name}.nested_quant_map"], C.dynamic_map()):
+      raise ValueError(f"{name}: nested quantization is not bitsandbytes' default (blocks of "
+                       f"{NESTED_BLOCK}, dynamic map): {st}")
+    nested = np.asarray(tensors[f"{name}.nested_absmax"], np.float32)
+    offset = np.asarray(st["nested_offset"], np.float32)
+    scales = scales.astype(np.uint8)
+  else:
+    scales = scales.astype(np.float32)
+  return QArray(codes.reshape(nb, bs // 2), scales.reshape(nb), nested, offset, scheme=scheme,
+                block_size=bs, matrix_shape=(in_f, out_f), dtype=np.dtype(_dtype(st["dtype"])))
+
+
+def _dtype(name: str):
+  import ml_dtypes
+  return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
+
+
+def save_safetensors(path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None):
+  """Writes ``{name: QArray | array}`` as transformers would: QArrays under their bitsandbytes keys.
+
+  Plain arrays are written as they are (so give PyTorch layouts, e.g. ``[out, in]``).
+
+  Example:
+    >>> save_safetensors("model.safetensors", {"lin.weight": q, "lin.bias": b})   # doctest: +SKIP
+  """
+  from safetensors.numpy import save_file
+  flat = {}
+  for name, x in tensors.items():
+    flat.update(to_bnb(x, name) if isinstance(x, QArray) else {name: np.asarray(x)})
+  save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(path),
+            metadata=dict(metadata or {"format": "pt"}))
+
+
+def load_safetensors(path) -> dict[str, Any]:
+  """Reads a safetensors file: ``{name: QArray}`` for each bitsandbytes 4-bit weight, arrays otherwise.
+
+  The QArray of ``"<m>.weight"`` is the Flax kernel ``[in, out]``; other
+  arrays keep the file's (PyTorch) layout.
+  """
+  from safetensors.numpy import load_file
+  return split_bnb(load_file(str(path)))
+
+
+def split_bnb(tensors: Mapping[str, Any]) -> dict[str, Any]:
+  """Groups a flat state dict: bitsandbytes weights become QArrays, other entries pass through."""
+  names = [k.split(STATE_KEY)[0] for k in tensors if STATE_KEY in k]
+  out = {name: from_bnb(tensors, name) for name in names}
+  owned = {k for k in tensors for name in names if k == name or k.startswith(name + ".")}
+  out.update({k: v for k, v in tensors.items() if k not in owned})
+  return out

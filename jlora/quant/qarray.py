@@ -1,0 +1,156 @@
+"""QArray: a quantized array as a pytree of codes, per-block scales and static metadata."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.quant import blockwise as B
+from jlora.quant import codebooks as C
+
+
+def _static(**kw):
+  return dataclasses.field(kw_only=True, metadata=dict(static=True), **kw)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QArray:
+  """A blockwise-quantized array ``[*lead, rows, cols]`` (a Flax kernel layout).
+
+  Each slice ``[rows, cols]`` over the leading axes is quantized on its own,
+  as PyTorch would quantize ``kernel.T`` (``[out, in]``, flattened row-major)
+  — so a 2-D ``[in, out]`` kernel is exactly bitsandbytes' 4-bit layout, and a
+  scanned layer stack ``[L, in, out]`` is L independent bitsandbytes tensors.
+  Every child carries the leading axes, so slicing all children along axis 0
+  (``q[i]``, ``nn.scan``, ``vmap``) gives a valid per-layer QArray.
+
+  Children (``nb = ceil(rows * cols / block_size)`` blocks per slice):
+    codes: ``[*lead, nb, block_size // 2]`` uint8, two 4-bit codes per byte
+      (the first in the high nibble); int8: ``[*lead, nb, block_size]`` int8.
+    scales: ``[*lead, nb]`` per-block absmax, float32; uint8 codes of the
+      dynamic map when double-quantized.
+    nested_scales: ``[*lead, ceil(nb / 256)]`` float32, or None.
+    offset: ``[*lead]`` float32 mean of the absmax, or None.
+
+  Static: ``scheme`` ("nf4", "fp4", "int4", "int8"), ``block_size``,
+  ``matrix_shape`` ``(rows, cols)``, ``dtype`` (the logical dtype).
+
+  Example:
+    >>> q = jlora.quantize_array(jnp.ones((64, 32)), "nf4")   # doctest: +SKIP
+    >>> q.shape, q.dequantize().shape
+    ((64, 32), (64, 32))
+  """
+  codes: jax.Array
+  scales: jax.Array
+  nested_scales: jax.Array | None = None
+  offset: jax.Array | None = None
+  _jlora_node = True  # a leaf for jlora's tree functions (see paths.is_node)
+  scheme: str = _static(default="nf4")
+  block_size: int = _static(default=64)
+  matrix_shape: tuple[int, int] = _static(default=(0, 0))
+  dtype: np.dtype = _static(default=np.dtype(np.float32))
+
+  # --- shape ---------------------------------------------------------------
+  @property
+  def lead_shape(self) -> tuple[int, ...]:
+    return tuple(self.codes.shape[:-2])
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """Full logical shape ``[*lead, rows, cols]``."""
+    return self.lead_shape + tuple(self.matrix_shape)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def double_quant(self) -> bool:
+    return self.nested_scales is not None
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes actually stored: codes + scales + nested statistics."""
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(self))
+
+  def __getitem__(self, idx) -> "QArray":
+    """Slices the leading (stacked-layer) axis: ``q[i]`` is layer ``i``."""
+    if not self.lead_shape:
+      raise IndexError(f"QArray of shape {list(self.shape)} has no leading (stacked) axis to index")
+    if not isinstance(idx, (int, np.integer, slice)) and not hasattr(idx, "dtype"):
+      raise TypeError(f"QArray indexes only its leading axis with an int or slice, got {idx!r}")
+    return jax.tree.map(lambda c: c[idx], self)
+
+  # --- values --------------------------------------------------------------
+  def block_scales(self) -> jax.Array:
+    """Per-block absmax, float32 ``[*lead, nb]`` (double quantization undone)."""
+    if self.nested_scales is None:
+      return self.scales.astype(jnp.float32)
+    return B.dequantize_scales(self.scales, self.nested_scales, self.offset)
+
+  def dequantize(self, dtype=None) -> jax.Array:
+    """The array in its kernel layout ``[*lead, rows, cols]``, in ``dtype`` (default: logical).
+
+    ``table[code] * absmax`` in float32 (as bitsandbytes), then cast: cheap,
+    elementwise and fusible into the consumer under ``jit``.
+
+    Example:
+      >>> w = q.dequantize(jnp.bfloat16)   # doctest: +SKIP
+    """
+    dtype = self.dtype if dtype is None else jnp.dtype(dtype)
+    rows, cols = self.matrix_shape
+    vals = B.code_values(self.codes, self.scheme) * self.block_scales()[..., None]
+    flat = vals.astype(dtype).reshape(self.lead_shape + (-1,))[..., :rows * cols]
+    return jnp.swapaxes(flat.reshape(self.lead_shape + (cols, rows)), -1, -2)
+
+  def astype(self, dtype) -> jax.Array:
+    """``dequantize(dtype)``: lets weight math written for arrays read a QArray."""
+    return self.dequantize(dtype)
+
+  def __repr__(self) -> str:
+    dq = ", double_quant" if self.double_quant else ""
+    try:
+      shape = list(self.shape)
+    except (AttributeError, TypeError):   # children replaced by non-arrays (tree.map)
+      shape = ["?"]
+    return (f"QArray({self.scheme}, shape={shape}, block_size={self.block_size}"
+            f"{dq}, dtype={np.dtype(self.dtype).name})")
+
+
+def partition_specs(q: QArray, axis_name) -> QArray:
+  """PartitionSpecs that shard ``q``'s blocks along ``axis_name`` (scales follow their codes).
+
+  For a kernel ``[in, out]`` whose ``in`` is a multiple of ``block_size``,
+  block ``b`` lies in output feature ``b * block_size // in``, so sharding the
+  blocks is sharding the output features (column-parallel). Nested statistics
+  are tiny and replicated.
+  """
+  from jax.sharding import PartitionSpec as P
+  lead = (None,) * len(q.lead_shape)
+  specs = dict(codes=P(*lead, axis_name, None), scales=P(*lead, axis_name))
+  if q.double_quant:
+    specs.update(nested_scales=P(*lead, None), offset=P(*lead))
+  return dataclasses.replace(q, **specs)
+
+
+def num_blocks_of(matrix_shape, block_size: int) -> int:
+  return B.num_blocks(math.prod(matrix_shape), block_size)
+
+
+def check_scheme(scheme: str, block_size, path: str = "array") -> None:
+  if scheme not in C.SCHEMES:
+    raise ValueError(f"{path}: unknown quantization scheme {scheme!r}; expected one of {C.SCHEMES}")
+  if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size <= 0:
+    raise ValueError(f"{path}: block_size must be a positive int, got {block_size!r}")
+  if C.bits(scheme) == 4 and block_size % 2:
+    raise ValueError(f"{path}: 4-bit scheme {scheme!r} packs two codes per byte, so block_size "
+                     f"must be even, got {block_size}")
