@@ -1,0 +1,302 @@
+"""Hugging Face Llama-family checkpoints <-> jlora's reference model.
+
+:func:`from_hf` reads ``config.json`` and the safetensors weights of a
+Llama, Mistral or Qwen2 checkpoint directory into
+:class:`jlora.models.Llama` and its ``params`` tree, tensor by tensor;
+:func:`to_hf` writes them back. Names map as::
+
+  model.embed_tokens.weight [vocab, d]          embed_tokens/embedding [vocab, d]
+  model.layers.{i}.self_attn.q_proj.weight      layers_{i}/self_attn/q_proj/kernel
+    [out, in]                                     [in, out] (transposed)
+  model.layers.{i}.input_layernorm.weight       layers_{i}/input_layernorm/scale
+  model.norm.weight, lm_head.weight             norm/scale, lm_head/kernel
+
+and with ``scan_layers=True`` the per-layer tensors are stacked under
+``layers/...`` with a leading ``[num_hidden_layers]`` axis.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, Sharding
+
+from jlora import paths
+from jlora.interop import safetensors_io as st
+from jlora.interop.hf_config import MODEL_TYPES, config_from_hf, config_to_hf
+from jlora.models.config import LlamaConfig
+from jlora.models.llama import Llama, abstract_params
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)   # buffers some old checkpoints saved
+
+
+# ----------------------------------------------------------------------------- names
+
+def hf_name(path: str, layer: int | None = None) -> str:
+  """The Hugging Face tensor name of the jlora parameter at ``path``.
+
+  ``layer`` picks the layer of a scanned ``layers/...`` path.
+
+  Example:
+    >>> hf_name("layers_3/self_attn/q_proj/kernel")
+    'model.layers.3.self_attn.q_proj.weight'
+    >>> hf_name("layers/mlp/down_proj/kernel", layer=1)
+    'model.layers.1.mlp.down_proj.weight'
+  """
+  *mods, leaf = path.split(paths.SEP)
+  leaf = "bias" if leaf == "bias" else "weight"
+  if not mods:
+    raise ValueError(f"hf_name: {path!r} is not a module/parameter path")
+  head = mods[0]
+  if head == "layers":
+    if layer is None:
+      raise ValueError(f"hf_name: {path!r} is a scanned layer stack; pass layer=")
+    mods = ["model", "layers", str(layer)] + mods[1:]
+  elif head.startswith("layers_"):
+    mods = ["model", "layers", head[len("layers_"):]] + mods[1:]
+  elif head != "lm_head":
+    mods = ["model"] + mods
+  return ".".join(mods + [leaf])
+
+
+def flax_path(name: str, *, scan_layers: bool = False) -> tuple[str, int | None]:
+  """Inverse of :func:`hf_name`: ``(jlora path, layer or None)`` of an HF tensor name.
+
+  Example:
+    >>> flax_path("model.layers.3.self_attn.q_proj.weight")
+    ('layers_3/self_attn/q_proj/kernel', None)
+    >>> flax_path("model.layers.3.self_attn.q_proj.weight", scan_layers=True)
+    ('layers/self_attn/q_proj/kernel', 3)
+  """
+  parts = name.split(".")
+  if len(parts) < 2 or parts[-1] not in ("weight", "bias"):
+    raise ValueError(f"flax_path: {name!r} is not a '<module>.weight|bias' tensor name")
+  *mods, leaf = parts
+  mods = mods[1:] if mods[0] == "model" else mods
+  layer = None
+  if len(mods) > 2 and mods[0] == "layers" and mods[1].isdigit():
+    layer = int(mods[1])
+    mods = (["layers"] if scan_layers else [f"layers_{layer}"]) + mods[2:]
+  last = mods[-1]
+  if leaf == "bias":
+    leaf_name = "bias"
+  elif last == "embed_tokens":
+    leaf_name = "embedding"
+  elif last.endswith("norm"):
+    leaf_name = "scale"
+  else:
+    leaf_name = "kernel"
+  return paths.SEP.join(mods + [leaf_name]), (layer if scan_layers else None)
+
+
+def _is_kernel(path: str) -> bool:
+  return path.rpartition(paths.SEP)[2] == "kernel"
+
+
+
+
+# ----------------------------------------------------------------------------- loading
+
+def from_hf(directory: str | os.PathLike, dtype=jnp.float32, *, scan_layers: bool = False,
+            quantize: Callable[[str, jax.Array], Any] | None = None,
+            shardings: Any = None, progress: bool | None = None) -> tuple[Llama, dict]:
+  """Loads a Hugging Face Llama / Mistral / Qwen2 safetensors checkpoint.
+
+  Tensors are read one at a time from the memory-mapped files (single
+  ``model.safetensors`` or shards listed in ``model.safetensors.index.json``),
+  transposed to Flax's ``[in, out]`` kernels, cast to ``dtype``, placed, and
+  handed to ``quantize``; so with a quantizing hook the full-precision model
+  never exists in memory at once (with ``scan_layers``, one stacked parameter
+  — e.g. every layer's ``q_proj`` — does). Only safetensors and JSON are
+  read, never pickle.
+
+  Args:
+    directory: the checkpoint directory (``config.json`` + safetensors).
+    dtype: parameter and computation dtype of the returned model.
+    scan_layers: stack the layers under ``layers/...`` (``[L, ...]``) for an
+      ``nn.scan`` model instead of ``layers_{i}/...``.
+    quantize: optional hook ``(path, array) -> leaf`` applied to every
+      parameter right after it is loaded (return the array unchanged to skip
+      one), e.g. wired to ``jlora.quantize``.
+    shardings: where to put each parameter: a ``jax.sharding.Mesh`` (shardings
+      from the model's logical axis names, ``jlora.sharding.param_shardings``),
+      one ``Sharding`` for all, a tree of ``Sharding`` shaped like the params,
+      or a callable ``(path, ShapeDtypeStruct) -> Sharding | None``. Each
+      device then reads only its own slice of the file.
+    progress: show a tqdm bar (if tqdm is installed); None: when loading 64+ tensors.
+
+  Returns:
+    ``(model, params)``: a :class:`jlora.models.Llama` and its plain
+    (unboxed) parameter tree; ``model.apply({"params": params}, ids)`` gives
+    logits ``[batch, seq, vocab]``.
+
+  Raises:
+    FileNotFoundError / ValueError naming the file or tensor: no checkpoint,
+    an unsupported ``model_type``, a truncated or inconsistent safetensors
+    file, missing, unexpected or wrongly shaped tensors.
+
+  Example:
+    >>> model, params = from_hf("TinyLlama-1.1B", dtype=jnp.bfloat16)  # doctest: +SKIP
+    >>> logits = model.apply({"params": params}, ids)                   # doctest: +SKIP
+  """
+  directory = os.fspath(directory)
+  source = os.path.join(directory, "config.json")
+  config = config_from_hf(st.read_json(source), dtype=dtype, scan_layers=scan_layers,
+                          source=source)
+  boxed = abstract_params(config)
+  specs = paths.flatten(nn.unbox(boxed))
+  plan = {p: _names_of(p, config) for p in specs}
+  place = _placer(shardings, boxed, specs)
+  np_dtype = np.dtype(dtype)
+  with st.open_checkpoint(directory) as ckpt:
+    _check_names(ckpt, plan, config, directory)
+    n_tensors = sum(len(v) for v in plan.values())
+    flat = {}
+    for path in _progress(list(plan), progress, n_tensors, os.path.basename(directory)):
+      arr = _load(ckpt, path, plan[path], specs[path], place(path), np_dtype)
+      flat[path] = arr if quantize is None else quantize(path, arr)
+  return Llama(config), paths.unflatten(flat)
+
+
+def _names_of(path: str, config: LlamaConfig) -> list[str]:
+  if path.split(paths.SEP)[0] == "layers":
+    return [hf_name(path, i) for i in range(config.num_hidden_layers)]
+  return [hf_name(path)]
+
+
+def _check_names(ckpt: st.Checkpoint, plan: dict, config: LlamaConfig, directory: str) -> None:
+  expected = {n for names in plan.values() for n in names}
+  missing = sorted(expected - ckpt.names)
+  if missing:
+    raise ValueError(f"{directory}: the checkpoint lacks {len(missing)} tensor(s) that its "
+                     f"config.json ({config.model_type}) needs, e.g. {missing[:4]}")
+  def ignorable(n):
+    return n.endswith(_IGNORED_SUFFIXES) or (config.tie_word_embeddings and n == "lm_head.weight")
+  extra = sorted(n for n in ckpt.names - expected if not ignorable(n))
+  if extra:
+    raise ValueError(f"{directory}: unexpected tensor(s) {extra[:4]} (in "
+                     f"{ckpt.file_of(extra[0])}) that a {config.model_type} model with this "
+                     "config.json does not have")
+
+
+def _load(ckpt: st.Checkpoint, path: str, names: list[str], spec: jax.ShapeDtypeStruct,
+          sharding: Sharding | None, np_dtype: np.dtype) -> jax.Array:
+  stacked, kernel = path.split(paths.SEP)[0] == "layers", _is_kernel(path)
+  layer_shape = tuple(spec.shape[1:] if stacked else spec.shape)
+  want = layer_shape[::-1] if kernel else layer_shape
+  for n in names:
+    if ckpt.shape(n) != want:
+      raise ValueError(f"tensor {n!r} in {ckpt.file_of(n)} has shape {list(ckpt.shape(n))}, "
+                       f"but config.json implies {list(want)} (jlora {path}: {list(layer_shape)}"
+                       f"{' transposed' if kernel else ''})")
+    if ckpt.dtype(n) not in st.FLOAT_DTYPES:
+      raise ValueError(f"tensor {n!r} in {ckpt.file_of(n)} has dtype {ckpt.dtype(n)}; only "
+                       f"floating-point weights {st.FLOAT_DTYPES} can be loaded")
+
+  def fetch(name, index=None):   # index: per-layer slices in the jlora layout
+    x = ckpt.read(name, None if index is None else tuple(index)[::-1] if kernel else tuple(index))
+    return (x.T if kernel else x).astype(np_dtype)
+
+  if sharding is None:
+    if not stacked:
+      return jnp.asarray(fetch(names[0]))
+    host = np.empty(spec.shape, np_dtype)
+    for i, n in enumerate(names):
+      host[i] = fetch(n)
+    return jnp.asarray(host)
+
+  def callback(index):
+    if not stacked:
+      return fetch(names[0], index)
+    return np.stack([fetch(names[i], index[1:]) for i in range(len(names))[index[0]]])
+  return jax.make_array_from_callback(tuple(spec.shape), sharding, callback)
+
+
+def _placer(shardings: Any, boxed: Any, specs: dict) -> Callable[[str], Sharding | None]:
+  if shardings is None:
+    return lambda path: None
+  if isinstance(shardings, Mesh):
+    from jlora.sharding import param_shardings
+    shardings = param_shardings(boxed, shardings)
+  if isinstance(shardings, Sharding):
+    return lambda path: shardings
+  if callable(shardings):
+    return lambda path: shardings(path, specs[path])
+  flat = paths.flatten(shardings, is_leaf=lambda x: isinstance(x, Sharding) or x is None)
+  absent = [p for p in specs if p not in flat]
+  if absent:
+    raise ValueError(f"from_hf: shardings has no entry for {absent[:3]} (it must mirror the "
+                     f"params tree, e.g. jlora.sharding.param_shardings(abstract_params(cfg), mesh))")
+  return flat.get
+
+
+def _progress(items: list, progress: bool | None, n_tensors: int, desc: str):
+  if progress is False or (progress is None and n_tensors < 64):
+    return items
+  try:
+    from tqdm import tqdm
+  except ImportError:
+    return items
+  return tqdm(items, desc=f"loading {desc}", unit="param")
+
+
+# ----------------------------------------------------------------------------- writing
+
+def to_hf(directory: str | os.PathLike, config: LlamaConfig, params: Any, *,
+          max_shard_size: int | None = None, dtype=None) -> list[str]:
+  """Writes ``params`` as a Hugging Face checkpoint: ``config.json`` + safetensors.
+
+  The inverse of :func:`from_hf` (kernels transposed back to ``[out, in]``,
+  scanned stacks split per layer); transformers' ``from_pretrained`` reads
+  the result. Quantized leaves (with a ``dequantize`` method) are
+  dequantized first.
+
+  Args:
+    directory: created if needed.
+    config: the model's :class:`LlamaConfig` (``model_type`` picks the architecture).
+    params: the (boxed or plain) parameter tree of ``Llama(config)``.
+    max_shard_size: bytes per safetensors shard (with an index); None: one file.
+    dtype: cast every tensor to this dtype; None keeps each one's dtype.
+
+  Returns:
+    The names of the files written.
+
+  Example:
+    >>> to_hf("out", model.config, params, max_shard_size=2**30)   # doctest: +SKIP
+  """
+  directory = os.fspath(directory)
+  specs = paths.flatten(nn.unbox(abstract_params(config)))
+  flat = paths.flatten(nn.unbox(params))
+  missing, extra = sorted(set(specs) - set(flat)), sorted(set(flat) - set(specs))
+  if missing or extra:
+    raise ValueError(f"to_hf: params do not match the config's model: missing {missing[:4]}, "
+                     f"unexpected {extra[:4]}")
+  for p, spec in specs.items():
+    if tuple(flat[p].shape) != tuple(spec.shape):
+      raise ValueError(f"to_hf: parameter {p!r} has shape {list(flat[p].shape)}, but the "
+                       f"config implies {list(spec.shape)}")
+
+  def host(x):
+    x = x.dequantize() if hasattr(x, "dequantize") else x
+    x = np.asarray(jax.device_get(x))
+    return x if dtype is None else x.astype(np.dtype(dtype))
+
+  def tensors():
+    for p in specs:
+      x, kernel = host(flat[p]), _is_kernel(p)
+      if p.split(paths.SEP)[0] == "layers":
+        for i in range(config.num_hidden_layers):
+          yield hf_name(p, i), (x[i].T if kernel else x[i])
+      else:
+        yield hf_name(p), (x.T if kernel else x)
+
+  first = np.dtype(dtype if dtype is not None else flat["embed_tokens/embedding"].dtype)
+  files = st.write_checkpoint(directory, tensors(), max_shard_size=max_shard_size)
+  with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(config_to_hf(config, dtype=first.name), f, indent=2)
+  return files + ["config.json"]
