@@ -268,7 +268,9 @@ def qarray_shardings(q: Any, kernel: NamedSharding, path: str = "weight") -> Any
     *input* mesh axes. Blocks run output feature by output feature, so when
     only the outputs are split (tensor parallelism) and ``in`` is a multiple
     of ``block_size``, each device holds exactly the blocks of its own output
-    columns and dequantizing is local. An input split (FSDP) divides the
+    columns and dequantizing moves no codes (with double quantization XLA
+    may shift a few per-block scales between neighbours, where the groups of
+    256 scales straddle devices). An input split (FSDP) divides the
     blocks further: storage stays fully sharded and the weight is gathered
     where it is used, like any FSDP weight;
   * if the block count is not divisible by all those devices, the output

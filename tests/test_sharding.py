@@ -520,3 +520,76 @@ def test_sharded_generation_matches_cached_generate(llama):
   want = generate(llama.model, (llama.base, adapter), jnp.asarray(prompt), 6, apply_fn=apply_fn)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
   assert len(set(np.asarray(out)[:, 5:].ravel().tolist())) > 3    # not a constant output
+
+
+# ---- QArray shardings ---------------------------------------------------------
+
+def _collective_sizes(compiled_text):
+  """Element counts of the (array-shaped) results of the collectives in compiled HLO text."""
+  import re
+  ops = r"(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\("
+  sizes = []
+  for line in compiled_text.splitlines():
+    m = re.search(r"= \w+\[([\d,]*)\]\S* " + ops, line)
+    if m:
+      sizes.append(int(np.prod([int(d) for d in m.group(1).split(",") if d])))
+  return sizes
+
+
+def test_qarray_shardings_rule(rng):
+  import jlora
+  from jlora.quant import quantize_array
+  mesh = S.make_mesh(fsdp=2, tensor=4)
+  w = jnp.asarray(rng.standard_normal((3, 128, 96)), jnp.float32)     # [L, in, out]
+  named = lambda *s: NamedSharding(mesh, P(*s))
+  # tensor parallel (outputs split): blocks follow the output columns, dequantize is local;
+  # with double quantization only the small per-block scales (3 × 192 in all) may move.
+  for double_quant, most_moved in ((False, 0), (True, 3 * 192)):
+    q = quantize_array(w, "nf4", 64, double_quant)                   # 192 blocks per layer
+    sh = S.qarray_shardings(q, named(None, None, "tensor"))
+    assert (sh.codes.spec, sh.scales.spec) == (P(None, "tensor", None), P(None, "tensor"))
+    if double_quant:
+      assert (sh.nested_scales.spec, sh.offset.spec) == (P(None, None), P(None))
+    placed = jax.device_put(q, sh)
+    f = jax.jit(lambda q: q.dequantize(), out_shardings=named(None, None, "tensor"))
+    hlo = f.lower(placed).compile().as_text()
+    if not double_quant:
+      assert not any(op in hlo for op in ("all-gather", "all-to-all", "collective-permute"))
+    assert max(_collective_sizes(hlo), default=0) <= most_moved
+    np.testing.assert_array_equal(np.asarray(f(placed)), np.asarray(q.dequantize()))
+  # FSDP on the inputs too: blocks split over (outputs, inputs); stacked axis kept
+  sh = S.qarray_shardings(q, named("data", "fsdp", "tensor"))
+  assert sh.codes.spec == P("data", ("tensor", "fsdp"), None)
+  # 4 x 20 kernel = 80 values / 16 = 5 blocks: not divisible by 4 or 8, replicated
+  small = quantize_array(jnp.asarray(rng.standard_normal((4, 20)), jnp.float32), "nf4", 16, False)
+  sh = S.qarray_shardings(small, named("fsdp", "tensor"))
+  assert (sh.codes.spec, sh.scales.spec, sh.nested_scales) == (P(None, None), P(None), None)
+  # a whole quantized tree
+  params = {"d": {"kernel": w[0], "bias": jnp.ones(96)}}
+  qp = jlora.quantize(params, "nf4", targets=["d"])
+  qsh = S.quantized_shardings(qp, {"d": {"kernel": named("fsdp", "tensor"), "bias": named()}})
+  assert qsh["d"]["kernel"].codes.spec == P(("tensor", "fsdp"), None)
+  _assert_placed(jax.device_put(qp, qsh), qsh)
+  with pytest.raises(ValueError, match="'d/kernel' has no sharding"):
+    S.quantized_shardings(qp, {"d": {"bias": named()}})
+
+
+def test_70b_layout_splits_memory_evenly():
+  """eval_shape only: Llama-3-70B (bf16 and NF4) on fsdp 2 × tensor 4 holds ~1/8 per device."""
+  import math
+  import jlora
+  from jlora.models import abstract_params, preset
+  cfg = preset("llama-3-70b", scan_layers=True, param_dtype=jnp.bfloat16)
+  boxed = abstract_params(cfg)
+  plain = nn.unbox(boxed)
+  sh = S.param_shardings(boxed, S.make_mesh(fsdp=2, tensor=4))
+  qplain = jax.eval_shape(lambda p: jlora.quantize(p, "nf4"), plain)
+  qsh = S.quantized_shardings(qplain, sh)
+  for tree, shard in ((plain, sh), (qplain, qsh)):
+    leaves = jax.tree.leaves(tree)
+    shards = jax.tree.leaves(shard, is_leaf=lambda x: isinstance(x, NamedSharding))
+    total = sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)
+    per_device = sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+                     for x, s in zip(leaves, shards))
+    assert per_device < total / 8 * 1.01, (total / 2**30, per_device / 2**30)
+  assert total / 2**30 < 37      # NF4 70B: ~36.8 GiB in all, ~4.6 GiB per device
