@@ -105,3 +105,17 @@ def test_a_fresh_adapter_leaves_the_model_unchanged(rng):
   got = jax.jit(lambda p, ad: jlora.apply(m, {"params": p}, ad, x, img))(p, ad)
   for g, w in zip(got, m.apply({"params": p}, x, img)):
     assert rel_err(g, w) < 1e-6
+
+
+def test_einsum_with_an_ellipsis(rng):
+  m = nn.Einsum((4, 3), "...d,df->...f")
+  x = jnp.asarray(rng.normal(size=(2, 5, 4)), jnp.float32)
+  p = init_params(m, x, rng=rng)
+  los = abstract_adapter(p, jlora.LoraConfig(rank=2, targets=".*"), m, (x,))
+  assert (los["kernel"].kind, los["kernel"].in_axes, los["kernel"].out_axes) == (
+      "einsum", (0,), (1,))
+  ad = {"kernel": los["kernel"].replace(a=jnp.asarray(rng.normal(size=(4, 2)), jnp.float32),
+                                        b=jnp.asarray(rng.normal(size=(2, 3)), jnp.float32))}
+  got = jax.jit(lambda p, ad: jlora.apply(m, {"params": p}, ad, x))(p, ad)
+  want = jax.jit(m.apply)({"params": jlora.merge(p, ad)}, x)
+  assert rel_err(got, want) < 1e-5 and rel_err(want, m.apply({"params": p}, x)) > 1e-2

@@ -68,9 +68,7 @@ def einsum_spec(equation: str, x_ndim: int, k_ndim: int, path: str) -> Spec:
   n_ell = max(x_ndim - (len(xs) - 3) if "..." in xs else 0,
               k_ndim - (len(ks) - 3) if "..." in ks else 0)
   ell = _fresh(eq, n_ell)
-  xs, ks, out = _expand(xs, x_ndim, ell), _expand(ks, k_ndim, ell), _expand(out, 0, ell)
-  if "..." in out:
-    out = out.replace("...", ell)
+  xs, ks, out = _expand(xs, x_ndim, ell), _expand(ks, k_ndim, ell), out.replace("...", ell)
   if len(xs) != x_ndim or len(ks) != k_ndim:
     raise ValueError(f"{path}: einsum {equation!r} does not fit an input of {x_ndim} axes "
                      f"and a kernel of {k_ndim} axes")
