@@ -76,3 +76,16 @@ def test_init_adapter_traces_a_quantized_base(rng):
                                                     model=m, args=(x,)))
   assert jax.tree.structure(plain) == jax.tree.structure(quant)
   assert jax.tree.map(lambda s: s.shape, plain) == jax.tree.map(lambda s: s.shape, quant)
+
+
+def test_jlora_quantize_nf4_base(rng):
+  """The real QArray (jlora.quantize): NF4 stacks under nn.scan and nn.vmap."""
+  m, p, ad, x = stacked_setup(rng)
+  q = jlora.quantize(p, "nf4", block_size=64, double_quant=True, min_size=0)
+  quantized = [k for k, w in paths.flatten(q).items() if isinstance(w, jlora.QArray)]
+  assert sorted(quantized) == ["heads/kernel", "layers/down/kernel", "layers/up/kernel"]
+  deq = jlora.dequantize(q)
+  got = jax.jit(lambda q, ad: jlora.apply(m, {"params": q}, ad, x))(q, ad)
+  want = jax.jit(lambda d, ad: m.apply({"params": jlora.merge(d, ad)}, x))(deq, ad)
+  assert rel_err(got, want) < TOL
+  assert rel_err(got, jax.jit(m.apply)({"params": jlora.merge(p, ad)}, x)) > 1e-3  # NF4 ≠ fp32
