@@ -109,7 +109,7 @@ def disjoint_merge(weighted: jax.Array, sign: jax.Array, tasks: jax.Array) -> ja
     >>> disjoint_merge(t, majority_sign(t), t)
     Array([2., 4.], dtype=float32)
   """
-  agree = jnp.sign(tasks).astype(jnp.int32) == sign
+  agree = jnp.sign(tasks).astype(jnp.int32) == sign[None]
   count = jnp.maximum(agree.sum(axis=0), 1).astype(weighted.dtype)
   return jnp.where(agree, weighted, 0).sum(axis=0) / count
 
