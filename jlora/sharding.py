@@ -282,8 +282,10 @@ def qarray_shardings(q: Any, kernel: NamedSharding, path: str = "weight") -> Any
     A QArray of the same static metadata whose children are ``NamedSharding``s.
 
   Example:
-    >>> q = jlora.quantize_array(jnp.ones((64, 256)), "nf4")    # doctest: +SKIP
-    >>> qarray_shardings(q, NamedSharding(mesh, P("fsdp", "tensor"))).codes.spec  # doctest: +SKIP
+    >>> from jlora.quant import quantize_array
+    >>> q = quantize_array(jnp.ones((64, 256)), "nf4")          # 256 blocks of 64
+    >>> mesh = make_mesh(fsdp=2, tensor=4)
+    >>> qarray_shardings(q, NamedSharding(mesh, P("fsdp", "tensor"))).codes.spec
     P(('tensor', 'fsdp'), None)
   """
   if not isinstance(kernel, NamedSharding):
@@ -324,7 +326,13 @@ def quantized_shardings(qparams: Any, shardings: Any) -> Any:
     :func:`qarray_shardings`) at every quantized path, the given sharding elsewhere.
 
   Example:
-    >>> qsh = quantized_shardings(jlora.quantize(params), param_shardings(boxed, mesh))  # doctest: +SKIP
+    >>> from jlora.quant import quantize
+    >>> mesh = make_mesh(tensor=8)
+    >>> params = {"d": {"kernel": jnp.ones((64, 128)), "bias": jnp.zeros(128)}}
+    >>> sh = {"d": {"kernel": NamedSharding(mesh, P(None, "tensor")),
+    ...             "bias": NamedSharding(mesh, P("tensor"))}}
+    >>> quantized_shardings(quantize(params), sh)["d"]["kernel"].codes.spec
+    P('tensor', None)
   """
   flat = paths.flatten(shardings, is_leaf=_is_sharding_leaf)
 
@@ -498,10 +506,26 @@ def shard_train_step(step: Callable, mesh: Mesh, *, base_shardings: Any,
     ``.lower(...)`` (same arguments) lowers it for inspection.
 
   Example:
-    >>> step = shard_train_step(make_train_step(loss_fn, opt, jit=False), mesh,
-    ...     base_shardings=base_sh, adapter_shardings=ad_sh,
-    ...     state_shardings=state_shardings(opt_state, ad_sh))   # doctest: +SKIP
-    >>> adapter, opt_state, metrics = step(adapter, opt_state, base, batch)  # doctest: +SKIP
+    >>> import optax
+    >>> mesh = make_mesh(fsdp=2, tensor=4)
+    >>> base = {"d": {"kernel": jnp.ones((16, 8))}}
+    >>> ad = {"d": {"kernel": L.LoRA(a=jnp.ones((16, 2)), b=jnp.ones((2, 8)), rank=2)}}
+    >>> base_sh = {"d": {"kernel": NamedSharding(mesh, P("fsdp", "tensor"))}}
+    >>> ad_sh = adapter_shardings(ad, base_sh)
+    >>> opt = optax.sgd(1e-3)
+    >>> def step(ad, state, base, x, rng):     # make_train_step(..., jit=False) builds these
+    ...   def loss(ad):
+    ...     lo = ad["d"]["kernel"]
+    ...     return jnp.mean((x @ base["d"]["kernel"] + lo.scale * (x @ lo.a) @ lo.b) ** 2)
+    ...   value, grads = jax.value_and_grad(loss)(ad)
+    ...   updates, state = opt.update(grads, state)
+    ...   return optax.apply_updates(ad, updates), state, {"loss": value}
+    >>> state = opt.init(ad)
+    >>> sharded = shard_train_step(step, mesh, base_shardings=base_sh, adapter_shardings=ad_sh,
+    ...                            state_shardings=state_shardings(state, ad_sh))
+    >>> ad, state, metrics = sharded(ad, state, base, jnp.ones((8, 16)))
+    >>> ad["d"]["kernel"].b.sharding.spec
+    P(None, 'tensor')
   """
   rules = DEFAULT_RULES if rules is None else rules
   rep = NamedSharding(mesh, P())
@@ -576,9 +600,14 @@ def shard_generate(logits_fn: Callable, mesh: Mesh, *, base_shardings: Any,
   apply (traced under ``jax.set_mesh`` and ``nn.logical_axis_rules``).
 
   Example:
-    >>> gen = shard_generate(fn, mesh, base_shardings=base_sh, adapter_shardings=ad_sh,
-    ...                      max_new_tokens=8)            # doctest: +SKIP
-    >>> ids = gen(base, adapter, shard_batch(prompt, mesh))  # doctest: +SKIP
+    >>> mesh = make_mesh(data=8)
+    >>> table = jnp.eye(5)[jnp.array([1, 2, 3, 4, 0])]    # next token = id + 1 mod 5
+    >>> fn = lambda base, ad, ids: base[ids]
+    >>> everywhere = NamedSharding(mesh, P())
+    >>> gen = shard_generate(fn, mesh, base_shardings=everywhere, adapter_shardings=everywhere,
+    ...                      max_new_tokens=3)
+    >>> gen(table, None, shard_batch(np.zeros((8, 1), np.int32), mesh))[0].tolist()
+    [0, 1, 2, 3]
   """
   rules = DEFAULT_RULES if rules is None else rules
   batch = NamedSharding(mesh, _batch_spec(rules, 2))
