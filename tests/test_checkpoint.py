@@ -137,6 +137,18 @@ def test_any_registered_node_class_round_trips(tmp_path, rng):
   assert got["layers"]["w"]["kernel"].options["axes"][1] == (1, 2)
 
 
+def test_qarray_round_trips(tmp_path, rng):
+  base = {"layer": {"kernel": _normal(rng, (2, 128, 64)), "bias": _normal(rng, (64,))}}
+  q = jlora.quantize(base, "nf4", double_quant=True, targets=".*kernel")
+  single = dataclasses.replace(q["layer"]["kernel"][1], nested_scales=None, offset=None)
+  tree = {"stacked": q, "single": single}
+  jlora.save(tmp_path / "q", tree)
+  got = jlora.restore(tmp_path / "q")
+  assert_same_tree(got, tree)
+  assert isinstance(got["stacked"]["layer"]["kernel"], jlora.QArray)
+  assert got["single"].offset is None and got["single"].matrix_shape == (128, 64)
+
+
 def test_restore_places_arrays_on_requested_shardings(tmp_path, rng):
   mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
   rows, cols = NamedSharding(mesh, P("x", None)), NamedSharding(mesh, P(None, "x"))

@@ -66,10 +66,11 @@ def save(path, tree: Any, *, overwrite: bool = True) -> None:
     ValueError: ``path`` exists and may not be replaced.
 
   Example:
-    >>> import jax.numpy as jnp, jlora
+    >>> import tempfile, jax.numpy as jnp, jlora
+    >>> path = tempfile.mkdtemp() + "/my_adapter"
     >>> lora = jlora.LoRA(a=jnp.ones((16, 4)), b=jnp.zeros((4, 8)), alpha=8.0, rank=4)
-    >>> jlora.save("/tmp/my_adapter", {"q_proj": {"kernel": lora}})
-    >>> jlora.restore("/tmp/my_adapter")["q_proj"]["kernel"].scale
+    >>> jlora.save(path, {"q_proj": {"kernel": lora}})
+    >>> jlora.restore(path)["q_proj"]["kernel"].scale
     2.0
   """
   if jax.process_count() > 1:
@@ -126,11 +127,12 @@ def restore(path, *, target: Any = None,
       not match ``target``/``shardings``.
 
   Example:
-    >>> import jax, jax.numpy as jnp, jlora
-    >>> jlora.save("/tmp/base", {"dense": {"kernel": jnp.ones((16, 8), jnp.bfloat16)}})
+    >>> import tempfile, jax, jax.numpy as jnp, jlora
+    >>> path = tempfile.mkdtemp() + "/base"
+    >>> jlora.save(path, {"dense": {"kernel": jnp.ones((16, 8), jnp.bfloat16)}})
     >>> mesh = jax.sharding.Mesh(jax.devices()[:2], ("x",))
     >>> rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
-    >>> base = jlora.restore("/tmp/base", shardings=lambda path: rows)
+    >>> base = jlora.restore(path, shardings=lambda p: rows)
     >>> base["dense"]["kernel"].sharding == rows
     True
   """
