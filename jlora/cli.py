@@ -23,7 +23,7 @@ PEFT, JLORA = "peft", "jlora"
 
 
 def _kind_of(directory: str) -> str:
-  """"peft" or "jlora": what the adapter directory holds."""
+  """"peft" or "jlora": what the adapter directory holds (by its PEFT config)."""
   from jlora.interop import peft_config
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{directory!r} is not a directory")
@@ -71,8 +71,15 @@ def convert(src: str, dst: str, *, to: str | None = None, base: str | None = Non
   """Converts the adapter in ``src`` (PEFT or jlora) into the other format at ``dst``.
 
   Example:
-    >>> convert("peft_adapter", "jlora_adapter")   # doctest: +SKIP
-    read PEFT adapter peft_adapter: 14 weights, 7,168 parameters ...
+    >>> import tempfile, jax.numpy as jnp, jlora
+    >>> d = tempfile.mkdtemp()
+    >>> lora = jlora.LoRA(a=jnp.ones((16, 4)), b=jnp.ones((4, 24)), alpha=8.0, rank=4)
+    >>> jlora.save(f"{d}/ours", {"lm_head": {"kernel": lora}})
+    >>> convert(f"{d}/ours", f"{d}/peft")
+    read jlora adapter ...: 1 weight, 160 parameters, rank 4
+    wrote PEFT adapter ... (adapter_config.json, adapter_model.safetensors)
+    path            a        b        rank  alpha  scale  kind   dora
+    lm_head/kernel  [16, 4]  [4, 24]  4     8      2      dense  no
   """
   import jlora
   from jlora import adapter as adapter_lib
@@ -106,7 +113,7 @@ def _summary(adapter: Any) -> str:
   flags = [name for name, on in (("rsLoRA", any(lo.rslora for lo in nodes.values())),
                                  ("DoRA", any(lo.use_dora for lo in nodes.values()))) if on]
   ranks = sorted({lo.rank for lo in nodes.values()})
-  return (f"{len(nodes)} weights, {n:,} parameters, rank {'/'.join(map(str, ranks))}"
+  return (f"{len(nodes)} weight{'s' if len(nodes) != 1 else ''}, {n:,} parameters, rank {'/'.join(map(str, ranks))}"
           + (f", {' + '.join(flags)}" if flags else ""))
 
 
@@ -126,7 +133,14 @@ def inspect(directory: str, *, out=None) -> None:
   """Prints an adapter's paths, shapes, ranks, alphas and parameter count.
 
   Example:
-    >>> inspect("jlora_adapter")   # doctest: +SKIP
+    >>> import tempfile, jax.numpy as jnp, jlora
+    >>> d = tempfile.mkdtemp()
+    >>> lora = jlora.LoRA(a=jnp.ones((16, 4)), b=jnp.ones((4, 24)), alpha=8.0, rank=4)
+    >>> jlora.peft.save(f"{d}/peft", {"layers_0": {"mlp": {"up_proj": {"kernel": lora}}}})
+    >>> inspect(f"{d}/peft")
+    PEFT LoRA adapter ...: 1 weight, 160 parameters, rank 4
+    path                          a        b        rank  alpha  scale  kind   dora
+    layers_0/mlp/up_proj/kernel   [16, 4]  [4, 24]  4     8      2      dense  no
   """
   import jlora
   from jlora.interop import peft

@@ -530,7 +530,7 @@ def test_save_layouts_without_model(tmp_path, rng):
                   "b": {"kernel": _node(rng, 4, 6, 2)}}, r"rsLoRA on all adapted weights or none"),
     (lambda rng: {"a": {"kernel": _node(rng, 4, 6, 2).replace(rank=1)}}, r"padded beyond its rank 1"),
     (lambda rng: {"layers": {"kernel": _node(rng, 4, 6, 2, stack=(2, 3))}}, r"2 stacked axes \[2, 3\]"),
-    (lambda rng: {"blocks": {"kernel": _node(rng, 4, 6, 2, stack=(2,))}}, r"not under a 'layers' stack"),
+    (lambda rng: {"blocks": {"kernel": _node(rng, 4, 6, 2, stack=(2,))}}, r"'blocks/kernel' has 1 stacked axes; only a scanned 'layers/...' stack"),
 ])
 def test_save_rejects_what_peft_cannot_hold(tmp_path, rng, make, match):
   with pytest.raises(ValueError, match=match):

@@ -35,6 +35,7 @@ from jlora import adapter as adapter_lib
 from jlora import lora as L
 from jlora import paths
 from jlora.config import LoraConfig
+from jlora.interop import hf
 from jlora.interop import peft_config as pc
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -59,28 +60,20 @@ def hf_module_name(param_path: str, layer: int | None = None) -> str:
   ``layers_3/self_attn/q_proj/kernel`` -> ``model.layers.3.self_attn.q_proj``;
   a scanned stack ``layers/self_attn/q_proj/kernel`` with ``layer=3`` gives
   the same; ``embed_tokens/embedding`` -> ``model.embed_tokens``;
-  ``lm_head/kernel`` -> ``lm_head``.
+  ``lm_head/kernel`` -> ``lm_head``. (The base-weight name map of
+  :func:`jlora.interop.hf.hf_name`, without the ``.weight``.)
 
   Example:
     >>> hf_module_name("layers_0/mlp/down_proj/kernel")
     'model.layers.0.mlp.down_proj'
   """
-  out = []
-  for part in paths.module_path(param_path).split(paths.SEP):
-    m = re.fullmatch(r"layers_(\d+)", part)
-    if m:
-      out += ["layers", m.group(1)]
-    elif part == "layers" and layer is not None:
-      out += ["layers", str(layer)]
-    else:
-      out.append(part)
-  if out[0] not in ("model",) + HEAD_MODULES:
-    out = ["model"] + out
-  return ".".join(out)
+  return hf.hf_name(param_path, layer).rpartition(".")[0]
 
 
 def jlora_param_path(hf_name: str, leaf: str, scanned: bool = False) -> tuple[str, int | None]:
   """Inverse of :func:`hf_module_name`: ``(param_path, layer index or None)``.
+
+  ``leaf`` is the parameter's name ("kernel" for Dense, "embedding" for Embed).
 
   Example:
     >>> jlora_param_path("model.layers.2.self_attn.q_proj", "kernel")
@@ -88,19 +81,8 @@ def jlora_param_path(hf_name: str, leaf: str, scanned: bool = False) -> tuple[st
     >>> jlora_param_path("model.layers.2.self_attn.q_proj", "kernel", scanned=True)
     ('layers/self_attn/q_proj/kernel', 2)
   """
-  parts = hf_name.split(".")
-  if parts[0] == "model":
-    parts = parts[1:]
-  layer, out, i = None, [], 0
-  while i < len(parts):
-    if parts[i] == "layers" and i + 1 < len(parts) and parts[i + 1].isdigit():
-      layer = int(parts[i + 1])
-      out.append("layers" if scanned else f"layers_{layer}")
-      i += 2
-    else:
-      out.append(parts[i])
-      i += 1
-  return paths.SEP.join(out + [leaf]), (layer if scanned else None)
+  path, layer = hf.flax_path(hf_name + ".weight", scan_layers=scanned)
+  return paths.module_path(path) + paths.SEP + leaf, layer
 
 
 class _Site:
@@ -126,8 +108,13 @@ class _Site:
     return paths.module_path(self.path).rpartition(paths.SEP)[2] in HEAD_MODULES
 
 
+def _is_stack(path: str) -> bool:
+  """A scanned layer stack: the reference Llama's ``layers/...`` (no index)."""
+  return path.split(paths.SEP)[0] == "layers"
+
+
 def _guess_info(path: str, shape: tuple[int, ...]) -> L.LayerInfo | None:
-  stack = 1 if "layers" in path.split(paths.SEP) else 0
+  stack = 1 if _is_stack(path) else 0
   if len(shape) - stack != 2:
     return None
   kind = "embed" if path.endswith("/embedding") else "dense"
@@ -140,14 +127,19 @@ def sites(params: Any, layers: Mapping[str, L.LayerInfo] | None = None) -> dict[
   ``layers`` gives traced layer info; without it, 2-D ``kernel``/``embedding``
   leaves are Dense/Embed weights and leaves under a ``layers`` stack (no
   index) carry one leading stacked axis.
+
+  Example:
+    >>> table = sites({"layers": {"mlp": {"up_proj": {"kernel": jnp.ones((2, 16, 24))}}}})
+    >>> sorted(table), table["model.layers.1.mlp.up_proj"].layer
+    (['model.layers.0.mlp.up_proj', 'model.layers.1.mlp.up_proj'], 1)
   """
   out = {}
   for path, w in paths.flatten(params).items():
     if path.rpartition(paths.SEP)[2] not in ADAPTABLE_LEAVES or not hasattr(w, "shape"):
       continue
     info = (layers or {}).get(path) or _guess_info(path, tuple(w.shape))
-    if info is None or info.stack > 1:
-      continue
+    if info is None or info.stack > 1 or info.stack != _is_stack(path):
+      continue   # no Hugging Face module name: PEFT cannot address it
     if info.stack == 1:
       for i in range(w.shape[0]):
         out[hf_module_name(path, i)] = _Site(path, i, w, info)
@@ -163,6 +155,13 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, jax.Array]:
 
   Raises a ValueError naming the file when it is truncated or corrupt, and
   when the directory only has a pickled ``adapter_model.bin``.
+
+  Example:
+    >>> import tempfile
+    >>> out = tempfile.mkdtemp() + "/peft"
+    >>> save(out, {"lm_head": {"kernel": L.LoRA(a=jnp.ones((16, 4)), b=jnp.ones((4, 24)), rank=4)}})
+    >>> sorted(read_tensors(out))
+    ['base_model.model.lm_head.lora_A.weight', 'base_model.model.lm_head.lora_B.weight']
   """
   from safetensors import SafetensorError
   from safetensors.flax import load_file
@@ -184,6 +183,11 @@ def split_keys(tensors: Mapping[str, Any]) -> dict[str, dict[str, tuple[str, Any
 
   Roles: "A", "B", "magnitude", "base"; each also records whether it came
   from a linear or an embedding key. Unknown keys raise, naming them.
+
+  Example:
+    >>> parts = split_keys({"base_model.model.lm_head.lora_A.weight": np.ones((4, 16))})
+    >>> parts["lm_head"]["A"][0], parts["lm_head"]["A"][2]
+    ('base_model.model.lm_head.lora_A.weight', 'dense')
   """
   out: dict = collections.defaultdict(dict)
   unknown = []
@@ -280,8 +284,12 @@ def params_from_file(directory: str | os.PathLike, dtype=jnp.float32) -> dict:
   embedding base copies in the file cannot be verified (``load`` refuses them).
 
   Example:
-    >>> shapes = params_from_file("my_peft_adapter")          # doctest: +SKIP
-    >>> adapter, cfg = load("my_peft_adapter", shapes)        # doctest: +SKIP
+    >>> import tempfile
+    >>> lora = L.LoRA(a=jnp.ones((16, 4)), b=jnp.ones((4, 24)), alpha=8.0, rank=4)
+    >>> out = tempfile.mkdtemp() + "/peft"
+    >>> save(out, {"layers_1": {"mlp": {"up_proj": {"kernel": lora}}}})
+    >>> params_from_file(out)["layers_1"]["mlp"]["up_proj"]["kernel"]
+    ShapeDtypeStruct(shape=(16, 24), dtype=float32)
   """
   flat = {}
   for name, parts in split_keys(read_tensors(directory)).items():
@@ -323,7 +331,15 @@ def load(directory: str | os.PathLike, params: Any, *, model=None, args=(), kwar
       with the model or the config.
 
   Example:
-    >>> adapter, cfg = jlora.peft.load("my_peft_adapter", params)  # doctest: +SKIP
+    >>> import tempfile
+    >>> params = {"layers_0": {"mlp": {"up_proj": {"kernel": jnp.ones((16, 24))}}}}
+    >>> lora = L.LoRA(a=jnp.ones((16, 4)), b=jnp.ones((4, 24)), alpha=8.0, rank=4)
+    >>> out = tempfile.mkdtemp() + "/peft"
+    >>> save(out, {"layers_0": {"mlp": {"up_proj": {"kernel": lora}}}})
+    >>> adapter, cfg = load(out, params)
+    >>> lo = adapter["layers_0"]["mlp"]["up_proj"]["kernel"]
+    >>> lo.a.shape, lo.b.shape, lo.scale, cfg.targets
+    ((16, 4), (4, 24), 2.0, ['layers_0/mlp/up_proj'])
   """
   if layers is None and model is not None:
     layers = _trace(model, params, args, kwargs)
@@ -332,7 +348,16 @@ def load(directory: str | os.PathLike, params: Any, *, model=None, args=(), kwar
 
 def read(directory, params, *, layers=None, dtype=jnp.float32, check_base_copies=True):
   """:func:`load` without tracing; ``check_base_copies=False`` skips comparing
-  embedding base copies in the file with ``params`` (for ``jlora inspect``)."""
+  embedding base copies in the file with ``params`` (for ``jlora inspect``).
+
+  Example:
+    >>> import tempfile
+    >>> out = tempfile.mkdtemp() + "/peft"
+    >>> save(out, {"lm_head": {"kernel": L.LoRA(a=jnp.ones((16, 4)), b=jnp.ones((4, 24)), rank=4)}})
+    >>> adapter, cfg = read(out, params_from_file(out))
+    >>> adapter["lm_head"]["kernel"].b.shape
+    (4, 24)
+  """
   d = pc.read(directory)
   table = sites(params, layers)
   modules = split_keys(read_tensors(directory))
@@ -512,7 +537,15 @@ def save(directory: str | os.PathLike, adapter: Any, cfg: LoraConfig | None = No
     base_model_name_or_path, task_type: written to the config for PEFT.
 
   Example:
-    >>> jlora.peft.save("out/peft", adapter, cfg, base_model_name_or_path="meta-llama/Llama-3.2-1B")  # doctest: +SKIP
+    >>> import tempfile
+    >>> lora = L.LoRA(a=jnp.ones((16, 4)), b=jnp.zeros((4, 24)), alpha=8.0, rank=4)
+    >>> out = tempfile.mkdtemp() + "/peft"
+    >>> save(out, {"layers_0": {"mlp": {"up_proj": {"kernel": lora}}}},
+    ...      base_model_name_or_path="meta-llama/Llama-3.2-1B")
+    >>> sorted(os.listdir(out))
+    ['adapter_config.json', 'adapter_model.safetensors']
+    >>> json.load(open(f"{out}/adapter_config.json"))["target_modules"]
+    ['model.layers.0.mlp.up_proj']
   """
   tensors, config = export(adapter, cfg, base_model_name_or_path=base_model_name_or_path,
                            task_type=task_type)
@@ -521,7 +554,16 @@ def save(directory: str | os.PathLike, adapter: Any, cfg: LoraConfig | None = No
 
 def export(adapter: Any, cfg: LoraConfig | None = None, *, base_model_name_or_path=None,
            task_type="CAUSAL_LM") -> tuple[dict[str, np.ndarray], dict]:
-  """The ``(tensors, config)`` that :func:`save` writes, as ``{key: array}`` and a dict."""
+  """The ``(tensors, config)`` that :func:`save` writes, as ``{key: array}`` and a dict.
+
+  Example:
+    >>> lora = L.LoRA(a=jnp.ones((16, 4)), b=jnp.ones((4, 24)), alpha=8.0, rank=4)
+    >>> tensors, config = export({"lm_head": {"kernel": lora}})
+    >>> {k: v.shape for k, v in sorted(tensors.items())}
+    {'base_model.model.lm_head.lora_A.weight': (4, 16), 'base_model.model.lm_head.lora_B.weight': (24, 4)}
+    >>> config["r"], config["lora_alpha"], config["target_modules"]
+    (4, 8, ['lm_head'])
+  """
   nodes = adapter_lib.loras(adapter)
   if not nodes:
     raise ValueError("save: the adapter has no LoRA nodes")
@@ -548,9 +590,9 @@ def _check_exportable(path: str, lo: L.LoRA) -> None:
   if lo.stack > 1:
     raise ValueError(f"save: {path!r} has {lo.stack} stacked axes {list(lo.stack_dims)}; "
                      "PEFT export supports at most one (a scanned layer stack)")
-  if lo.stack == 1 and "layers" not in path.split(paths.SEP):
-    raise ValueError(f"save: {path!r} is stacked but not under a 'layers' stack, so its layers "
-                     "have no Hugging Face module names")
+  if lo.stack != _is_stack(path):
+    raise ValueError(f"save: {path!r} has {lo.stack} stacked axes; only a scanned 'layers/...' "
+                     "stack (one axis) has per-layer Hugging Face module names")
   if lo.a.shape[-1] != lo.rank:
     raise ValueError(f"save: {path!r} has a: {list(lo.a.shape)} padded beyond its rank "
                      f"{lo.rank} (an AdapterBank slot?); PEFT needs the unpadded adapter")

@@ -73,8 +73,12 @@ def read(directory: str | os.PathLike) -> dict:
     ValueError: malformed JSON, or a field jlora does not support (named).
 
   Example:
-    >>> read("my_peft_adapter")["r"]   # doctest: +SKIP
-    8
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> with open(os.path.join(d, CONFIG_NAME), "w") as f:
+    ...   json.dump({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}, f)
+    >>> read(d)["r"]
+    4
   """
   path = os.path.join(os.fspath(directory), CONFIG_NAME)
   if not os.path.isfile(path):
@@ -95,7 +99,14 @@ def _unset(v: Any) -> bool:
 
 
 def validate(d: Mapping[str, Any], where: str = CONFIG_NAME) -> None:
-  """Raises a ValueError naming every field of ``d`` that jlora cannot honour."""
+  """Raises a ValueError naming every field of ``d`` that jlora cannot honour.
+
+  Example:
+    >>> validate({"target_modules": ["q_proj"], "bias": "all"})
+    Traceback (most recent call last):
+    ...
+    ValueError: adapter_config.json: unsupported PEFT adapter settings: bias='all' (trained biases; only 'none' is supported)
+  """
   bad = []
   if d.get("peft_type", "LORA") != "LORA":
     bad.append(f"peft_type={d['peft_type']!r} (only LORA adapters are supported)")
@@ -173,6 +184,13 @@ def is_targeted(d: Mapping[str, Any], name: str, linear: bool, head: bool) -> bo
 
   ``linear``: the module is a Linear layer (for "all-linear"); ``head``: it is
   the output head (which "all-linear" leaves out).
+
+  Example:
+    >>> d = {"target_modules": ["q_proj"]}
+    >>> is_targeted(d, "model.layers.0.self_attn.q_proj", True, False)
+    True
+    >>> is_targeted({"target_modules": "all-linear"}, "lm_head", True, True)
+    False
   """
   em = d.get("exclude_modules")
   if em and _name_matches(em, name):
@@ -190,7 +208,12 @@ def _name_matches(spec: str | Iterable[str], name: str) -> bool:
 
 
 def unused_targets(d: Mapping[str, Any], names: Iterable[str]) -> list[str]:
-  """Entries of a list ``target_modules`` that match none of ``names``."""
+  """Entries of ``target_modules`` that match none of ``names``.
+
+  Example:
+    >>> unused_targets({"target_modules": ["q_proj", "c_attn"]}, ["model.layers.0.self_attn.q_proj"])
+    ['c_attn']
+  """
   tm = d["target_modules"]
   if isinstance(tm, str):
     return [] if tm.lower() == ALL_LINEAR or any(_name_matches(tm, n) for n in names) else [tm]
@@ -199,7 +222,12 @@ def unused_targets(d: Mapping[str, Any], names: Iterable[str]) -> list[str]:
 
 
 def pattern_value(pattern: Mapping[str, Any] | None, name: str, default):
-  """PEFT's ``get_pattern_key``: the value of the first key matching ``name``."""
+  """PEFT's ``get_pattern_key``: the value of the first key matching ``name``.
+
+  Example:
+    >>> pattern_value({"v_proj": 2}, "model.layers.0.self_attn.v_proj", 8)
+    2
+  """
   for key, value in (pattern or {}).items():
     if re.match(rf"(.*\.)?({key})$", name):
       return value
@@ -207,7 +235,13 @@ def pattern_value(pattern: Mapping[str, Any] | None, name: str, default):
 
 
 def rank_alpha(d: Mapping[str, Any], name: str) -> tuple[int, float]:
-  """``(r, lora_alpha)`` of module ``name`` under config ``d`` (PEFT's rule)."""
+  """``(r, lora_alpha)`` of module ``name`` under config ``d`` (PEFT's rule).
+
+  Example:
+    >>> d = {"r": 8, "lora_alpha": 16, "rank_pattern": {"layers.1.self_attn.v_proj": 4}}
+    >>> rank_alpha(d, "model.layers.1.self_attn.v_proj"), rank_alpha(d, "model.layers.0.self_attn.v_proj")
+    ((4, 16.0), (8, 16.0))
+  """
   r = pattern_value(d.get("rank_pattern"), name, d.get("r", 8))
   alpha = pattern_value(d.get("alpha_pattern"), name, d.get("lora_alpha", 8))
   return int(r), float(alpha)
