@@ -1,4 +1,5 @@
-"""jlora.sharding on 8 simulated CPU devices: meshes, rules, adapter shardings."""
+"""jlora.sharding on 8 simulated CPU devices: meshes, rules, derived shardings, sharded steps,
+generation and checkpoints (the reference Llama, LoRA + QLoRA), and two processes via jax.distributed."""
 import os
 
 import flax.linen as nn
