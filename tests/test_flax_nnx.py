@@ -15,7 +15,7 @@ from jlora import paths
 from jlora.flax import nnx as jnnx
 from conftest import rel_err
 from test_flax_grad import flat
-from test_flax_ref import FakeQ, fake_quantize, make_adapter, merge64, randomize, run64
+from test_flax_ref import fake_quantize, make_adapter, merge64, randomize, run64
 
 TOL = 2e-5
 

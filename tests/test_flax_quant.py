@@ -6,7 +6,6 @@ the hook, not the quantization error. Tolerance: relative 2e-5.
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import jlora
@@ -14,7 +13,7 @@ from jlora import paths
 from conftest import rel_err
 from test_flax_grad import _eqns, flat, loss_fn
 from test_flax_linen import RawMatmul, all_kinds_setup, check_against_references, stacked_setup
-from test_flax_ref import FakeQ, fake_quantize, init_params, make_adapter, merge64, run64
+from test_flax_ref import FakeQ, fake_quantize, init_params, merge64, run64
 
 TOL = 2e-5
 

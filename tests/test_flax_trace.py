@@ -3,11 +3,9 @@ tracing abstractly; shapes alone are ambiguous."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import jlora
-from jlora import paths
 from conftest import rel_err
 from test_flax_linen import Stacked
 from test_flax_ref import init_params
