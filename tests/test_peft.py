@@ -563,3 +563,18 @@ def test_partial_stack_fills_zero_updates(base, tmp_path):
   for k in ref:
     assert rel_err(ours[k], ref[k]) < 1e-6, k
   assert rel_err(ours["layers/mlp/up_proj/kernel"][0], scanned["layers"]["mlp"]["up_proj"]["kernel"][0]) < 1e-6
+
+
+def test_bfloat16_round_trip(tmp_path, rng):
+  """bf16 adapters are written as BF16 tensors (as PyTorch reads them) and read back exactly."""
+  from safetensors.torch import load_file as torch_load
+  lo = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _node(rng, 16, 24, 4, alpha=8.0))
+  jlora.peft.save(tmp_path, {"lm_head": {"kernel": lo}}, None)
+  t = torch_load(tmp_path / "adapter_model.safetensors")
+  assert {v.dtype for v in t.values()} == {torch.bfloat16}
+  params = {"lm_head": {"kernel": jnp.zeros((16, 24), jnp.bfloat16)}}
+  back, _ = jlora.peft.load(tmp_path, params, dtype=jnp.bfloat16)
+  back = back["lm_head"]["kernel"]
+  assert back.a.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(back.a, np.float32), np.asarray(lo.a, np.float32))
+  np.testing.assert_array_equal(np.asarray(back.b, np.float32), np.asarray(lo.b, np.float32))
