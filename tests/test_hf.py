@@ -250,3 +250,31 @@ def test_sharded_index_errors(checkpoints, tmp_path):
   json.dump(index, open(d / "model.safetensors.index.json", "w"))
   with pytest.raises(FileNotFoundError, match=f"{first} does not exist"):
     from_hf(d)
+
+
+def test_quantize_while_loading(checkpoints, ids, tmp_path):
+  import jlora
+  _, directory = checkpoints["llama"]
+  model, qparams = from_hf(directory, scan_layers=True, quantize=dict(scheme="nf4", min_size=0))
+  _, plain = from_hf(directory, scan_layers=True)
+  whole = jlora.quantize(plain, "nf4", min_size=0)      # the same as quantizing afterwards
+  assert jax.tree.structure(whole) == jax.tree.structure(qparams)
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(qparams)):
+    np.testing.assert_array_equal(a, b)
+  q = qparams["layers"]["mlp"]["up_proj"]["kernel"]
+  assert isinstance(q, jlora.QArray) and q.shape == (2, 32, 48)
+  assert not isinstance(qparams["lm_head"]["kernel"], jlora.QArray)   # heads stay (PEFT's rule)
+  # the quantized base runs through jlora.apply; to_hf writes it dequantized
+  deq = jlora.dequantize(qparams)
+  q_proj = deq["layers"]["self_attn"]["q_proj"]["kernel"]         # [2, 32, 32]
+  lora = jlora.LoRA(a=0.1 * jnp.ones((2, 32, 2)), b=0.1 * jnp.ones((2, 2, 32)), alpha=2.0,
+                    rank=2, stack=1)
+  adapter = {"layers": {"self_attn": {"q_proj": {"kernel": lora}}}}
+  assert q_proj.shape == lora.kernel_shape
+  ours = jax.jit(lambda p, a: jlora.apply(model, {"params": p}, a, ids))(qparams, adapter)
+  ref = jax.jit(model.apply)({"params": jlora.merge(deq, adapter)}, ids)
+  assert rel_err(ours, ref) < 1e-5
+  to_hf(tmp_path / "deq", model.config, qparams)
+  _, back = from_hf(tmp_path / "deq", scan_layers=True)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(deq)):
+    np.testing.assert_array_equal(a, b)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -103,7 +103,7 @@ def _is_kernel(path: str) -> bool:
 # ----------------------------------------------------------------------------- loading
 
 def from_hf(directory: str | os.PathLike, dtype=jnp.float32, *, scan_layers: bool = False,
-            quantize: Callable[[str, jax.Array], Any] | None = None,
+            quantize: str | Mapping[str, Any] | Callable[[str, jax.Array], Any] | None = None,
             shardings: Any = None, progress: bool | None = None) -> tuple[Llama, dict]:
   """Loads a Hugging Face Llama / Mistral / Qwen2 safetensors checkpoint.
 
@@ -120,9 +120,14 @@ def from_hf(directory: str | os.PathLike, dtype=jnp.float32, *, scan_layers: boo
     dtype: parameter and computation dtype of the returned model.
     scan_layers: stack the layers under ``layers/...`` (``[L, ...]``) for an
       ``nn.scan`` model instead of ``layers_{i}/...``.
-    quantize: optional hook ``(path, array) -> leaf`` applied to every
-      parameter right after it is loaded (return the array unchanged to skip
-      one), e.g. wired to ``jlora.quantize``.
+    quantize: quantize as loading goes: a scheme name ("nf4", "fp4", "int4",
+      "int8") or a dict of ``jlora.quantize`` keyword arguments (``scheme``,
+      ``block_size``, ``double_quant``, ``targets``, ``min_size``): each
+      parameter gets exactly what ``jlora.quantize`` of the whole tree would
+      give it (by default every kernel but ``lm_head`` becomes a ``QArray``),
+      and its float copy is freed at once. Or any hook ``(path, array) ->
+      leaf`` applied to every parameter right after it is loaded (return the
+      array unchanged to skip one).
     shardings: where to put each parameter: a ``jax.sharding.Mesh`` (shardings
       from the model's logical axis names, ``jlora.sharding.param_shardings``),
       one ``Sharding`` for all, a tree of ``Sharding`` shaped like the params,
@@ -152,6 +157,7 @@ def from_hf(directory: str | os.PathLike, dtype=jnp.float32, *, scan_layers: boo
   specs = paths.flatten(nn.unbox(boxed))
   plan = {p: _names_of(p, config) for p in specs}
   place = _placer(shardings, boxed, specs)
+  quantize = _quantizer(quantize)
   np_dtype = np.dtype(dtype)
   with st.open_checkpoint(directory) as ckpt:
     _check_names(ckpt, plan, config, directory)
@@ -215,6 +221,23 @@ def _load(ckpt: st.Checkpoint, path: str, names: list[str], spec: jax.ShapeDtype
       return fetch(names[0], index)
     return np.stack([fetch(names[i], index[1:]) for i in range(len(names))[index[0]]])
   return jax.make_array_from_callback(tuple(spec.shape), sharding, callback)
+
+
+def _quantizer(spec: Any) -> Callable[[str, jax.Array], Any] | None:
+  if spec is None or callable(spec):
+    return spec
+  if isinstance(spec, str):
+    spec = {"scheme": spec}
+  if not isinstance(spec, Mapping):
+    raise TypeError(f"from_hf: quantize must be a scheme name, a dict of jlora.quantize "
+                    f"arguments or a callable, got {type(spec).__name__}")
+  from jlora.quant import quantize as quantize_tree
+  kwargs = dict(spec)
+
+  def hook(path, x):
+    tree = quantize_tree(paths.unflatten({path: x}), donate=True, **kwargs)
+    return paths.flatten(tree)[path]
+  return hook
 
 
 def _placer(shardings: Any, boxed: Any, specs: dict) -> Callable[[str], Sharding | None]:
