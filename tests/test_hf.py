@@ -278,3 +278,13 @@ def test_quantize_while_loading(checkpoints, ids, tmp_path):
   _, back = from_hf(tmp_path / "deq", scan_layers=True)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(deq)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_progress_bar_is_optional(checkpoints, capsys, monkeypatch):
+  import sys
+  _, directory = checkpoints["llama"]
+  from_hf(directory, progress=True)
+  assert "loading llama" in capsys.readouterr().err
+  monkeypatch.setitem(sys.modules, "tqdm", None)       # tqdm not installed: no bar, no error
+  _, params = from_hf(directory, progress=True)
+  assert capsys.readouterr().err == "" and params["norm"]["scale"].shape == (32,)
