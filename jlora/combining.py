@@ -19,6 +19,7 @@ stacked layer is pruned on its own, as PEFT prunes each module on its own):
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -171,6 +172,10 @@ def _meta(lo: L.LoRA, rank: int, a: jax.Array, b: jax.Array) -> L.LoRA:
                 dropout=lo.dropout)
 
 
+# The per-weight functions below are jitted: in eager use (combine outside
+# jax.jit) a model's many same-shaped layers then share one compilation instead
+# of dispatching every primitive; inside jax.jit they simply inline.
+@jax.jit
 def cat(los: Sequence[L.LoRA], weights: jax.Array) -> L.LoRA:
   """Exact: ranks concatenated, ``w_i · scale_i`` folded into each ``b_i``.
 
@@ -186,6 +191,7 @@ def cat(los: Sequence[L.LoRA], weights: jax.Array) -> L.LoRA:
                b.reshape(first.stack_dims + (rank, -1)))
 
 
+@jax.jit
 def linear(los: Sequence[L.LoRA], weights: jax.Array) -> L.LoRA:
   """PEFT's ``add_weighted_adapter(combination_type="linear")``, same rank required.
 
@@ -204,6 +210,7 @@ def linear(los: Sequence[L.LoRA], weights: jax.Array) -> L.LoRA:
                b.reshape(first.stack_dims + (rank, -1)))
 
 
+@functools.partial(jax.jit, static_argnames=("method", "rank", "density", "majority_sign_method"))
 def recompress(los: Sequence[L.LoRA], weights: jax.Array, method: str, rank: int, *,
                density: float | None = None, key: jax.Array | None = None,
                majority_sign_method: str = "total") -> L.LoRA:

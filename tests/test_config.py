@@ -125,8 +125,8 @@ def _torch_model():
   return Model()
 
 
-@pytest.mark.parametrize("rslora", [False, True])
-@pytest.mark.parametrize("targets", [["q_proj", "v_proj", "up", "o_proj"], r".*(q|v)_proj|.*mlp.(up|down)"])
+@pytest.mark.parametrize("targets, rslora", [(["q_proj", "v_proj", "up", "o_proj"], False),
+                                             (r".*(q|v)_proj|.*mlp.(up|down)", True)])
 def test_patterns_and_rslora_select_peft_ranks_and_scales(rslora, targets):
   import peft
   from peft.utils.other import get_pattern_key
