@@ -16,6 +16,7 @@ to r channels) and ``b: [r, cout]`` (a 1×1 conv), PEFT's convention.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -266,6 +267,10 @@ def delta_matrix(lora: LoRA, dtype=None) -> jax.Array:
   return d if dtype is None else d.astype(dtype)
 
 
+# The weight functions below are jitted so that eager use (a merge outside
+# jax.jit) compiles once per shape instead of dispatching every primitive;
+# inside jax.jit they inline.
+@functools.partial(jax.jit, static_argnames=("dtype",))
 def delta(lora: LoRA, dtype=None) -> jax.Array:
   """The dense update ``ΔW = scale · a @ b`` in the base kernel's layout.
 
@@ -296,6 +301,7 @@ def check_weight(weight_shape, lora: LoRA, path: str) -> None:
                      f"but the base weight {list(weight_shape)} needs {list(want)}")
 
 
+@jax.jit
 def dora_norm(weight: jax.Array, lora: LoRA) -> jax.Array:
   """``‖W + ΔW‖`` over the input axes, one per output feature: ``[*stack, *out_dims]``.
 
@@ -313,6 +319,7 @@ def dora_norm(weight: jax.Array, lora: LoRA) -> jax.Array:
   return jnp.linalg.norm(w, axis=-2).reshape(lora.stack_dims + lora.out_dims)
 
 
+@jax.jit
 def merge_weight(weight: jax.Array, lora: LoRA) -> jax.Array:
   """``W + ΔW`` (DoRA: ``m / ‖W + ΔW‖ · (W + ΔW)``), in ``weight``'s dtype.
 
@@ -333,6 +340,7 @@ def merge_weight(weight: jax.Array, lora: LoRA) -> jax.Array:
   return from_matrix(merged, lora).astype(weight.dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("path",))
 def unmerge_weight(merged: jax.Array, lora: LoRA, path: str = "weight") -> jax.Array:
   """Inverse of :func:`merge_weight`: ``merged - ΔW``, up to rounding.
 

@@ -157,10 +157,11 @@ def test_pruned_methods_match_reference_at_full_rank(rng, jit, method, sign_meth
 def test_dare_mix_matches_reference_with_the_same_masks(rng):
   ds = [jnp.asarray(rng.standard_normal((2, 5, 4)), jnp.float32) for _ in range(3)]
   w, key, density = [0.5, 1.5, -0.7], jax.random.key(7), 0.3
-  both = jax.jit(lambda d, w, k: [C.mix(d, w, m, stack=1, density=density, key=k)
-                                  for m in ("dare", "dare_ties")])(ds, jnp.asarray(w), key)
-  masks = np.asarray(jax.vmap(lambda k: jax.random.bernoulli(k, density, (2, 5, 4)))(
-      jax.random.split(key, 3)))
+  def run(d, w, k):   # mix draws task i's mask with bernoulli(split(key, n)[i]): redraw them
+    masks = [jax.random.bernoulli(ki, density, (2, 5, 4)) for ki in jax.random.split(k, 3)]
+    return [C.mix(d, w, m, stack=1, density=density, key=k) for m in ("dare", "dare_ties")], masks
+  both, masks = jax.jit(run)(ds, jnp.asarray(w), key)
+  masks = np.asarray(masks)
   for method, got in zip(("dare", "dare_ties"), both):
     want = _mix64([np.asarray(d, np.float64) for d in ds], w, method, 1, density=density,
                   masks=list(masks))
