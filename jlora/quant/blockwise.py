@@ -76,6 +76,31 @@ def rounded(x: jax.Array) -> jax.Array:
   return jnp.where(jnp.isnan(x), jnp.full_like(x, jnp.nan), x)
 
 
+def lookup(table, idx: jax.Array) -> jax.Array:
+  """``table[idx]`` for a small constant table: a gather whose output is sharded like ``idx``.
+
+  (Needed for explicitly sharded indices, where a plain ``jnp.take`` cannot
+  tell which sharding its output should have.)
+  """
+  table = jnp.asarray(table)
+  sharding = jax.typeof(idx).sharding if hasattr(jax, "typeof") else None
+  if sharding is None:
+    return jnp.take(table, idx)
+  return table.at[idx].get(out_sharding=sharding)
+
+
+def divide(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``a / b`` as one IEEE division per value, also under ``jit``.
+
+  XLA rewrites ``a / broadcast(b)`` and ``a / constant`` into
+  ``a * (1 / b)``, which rounds twice, where torch divides. A full-shaped
+  divisor that depends on ``a`` (an identity select: NaN only where ``a`` is
+  NaN, whose quotient is NaN anyway) is not rewritten.
+  """
+  b = jnp.broadcast_to(b, a.shape)
+  return a / jnp.where(jnp.isnan(a), jnp.full_like(b, jnp.nan), b)
+
+
 def _safe(am: jax.Array) -> jax.Array:
   return jnp.where(am > 0, am, jnp.ones_like(am))
 
@@ -86,7 +111,7 @@ def scale_4bit(xb: jax.Array, am: jax.Array, n: int) -> jax.Array:
   v = xb * (1.0 / safe)[..., None]
   if n % xb.shape[-1]:
     # bitsandbytes divides the last, partial block instead of multiplying by 1/absmax
-    last = xb[..., -1:, :] / safe[..., -1:, None]
+    last = divide(xb[..., -1:, :], safe[..., -1:, None])
     v = jnp.concatenate([v[..., :-1, :], last], axis=-2)
   return jnp.clip(v, -1.0, 1.0)
 
@@ -109,12 +134,16 @@ def codes_4bit(v: jax.Array, scheme: str) -> jax.Array:
   order = C.sorted_order(scheme)
   if np.array_equal(order, np.arange(16)):
     return bucket
-  return jnp.take(jnp.asarray(order), bucket.astype(jnp.int32))
+  return lookup(order, bucket.astype(jnp.int32))
 
 
 def codes_int8(xb: jax.Array, am: jax.Array) -> jax.Array:
-  v = xb / _safe(am)[..., None]
+  v = divide(xb, _safe(am)[..., None])
   return jnp.clip(jnp.round(v * C.QMAX["int8"]), -127, 127).astype(jnp.int8)
+
+
+def codes_int4(xb: jax.Array, am: jax.Array) -> jax.Array:
+  return codes_4bit(divide(xb, _safe(am)[..., None]), "int4")
 
 
 def pack(codes: jax.Array) -> jax.Array:
@@ -130,10 +159,21 @@ def unpack(packed: jax.Array) -> jax.Array:
 
 
 def code_values(codes: jax.Array, scheme: str) -> jax.Array:
-  """The normalized float32 value of each code (``table[code]``, or ``q / 127`` for int8)."""
+  """The float32 value of each code: ``table[code]`` (4-bit), the integer itself (int8)."""
   if scheme == "int8":
-    return codes.astype(jnp.float32) / np.float32(C.QMAX["int8"])
-  return jnp.take(jnp.asarray(C.TABLES[scheme]), unpack(codes).astype(jnp.int32))
+    return codes.astype(jnp.float32)
+  return lookup(C.TABLES[scheme], unpack(codes).astype(jnp.int32))
+
+
+def step(absmax: jax.Array, scheme: str) -> jax.Array:
+  """What one unit of :func:`code_values` is worth per block: ``absmax`` (int8: ``absmax * (1/127)``).
+
+  One multiply per value (``code_values * step``) leaves XLA nothing to
+  reassociate, so eager and jitted dequantization agree bit for bit.
+  """
+  if scheme == "int8":
+    return absmax * np.float32(1.0 / C.QMAX["int8"])
+  return absmax
 
 
 def double_quantize(am: jax.Array, offset: jax.Array | None = None):
@@ -157,27 +197,42 @@ def double_quantize(am: jax.Array, offset: jax.Array | None = None):
   v = jnp.clip(rounded(yb * (1.0 / _safe(a2))[..., None]), -1.0, 1.0)
   j = jnp.floor(rounded(((v + 1.0) * 0.5) * 65535.0) + 0.5)
   j = jnp.clip(j, 0, 65535).astype(jnp.int32)
-  q = jnp.take(jnp.asarray(C.dynamic_lut()), j)
+  q = lookup(C.dynamic_lut(), j)
   q = jnp.where((a2 > 0)[..., None], q, jnp.zeros_like(q))     # bitsandbytes: 0/0 -> code 0
   q = q.reshape(q.shape[:-2] + (-1,))[..., :nb]
   return q, a2, offset
 
 
-def mean(am: jax.Array) -> jax.Array:
-  """float32 ``sum / n`` over the last axis, as torch computes a mean (a true division).
+def pairwise_sum(x: jax.Array) -> jax.Array:
+  """float32 sum over the last axis in a fixed pairwise order (zero-padded to a power of two).
 
-  The barriers keep XLA from turning ``/ n`` into ``* (1 / n)`` and from
-  recomputing the mean inside a consumer's fusion, so the offset stored is the
-  one used. (The float32 sum's order still differs from torch's, so the two
-  means can differ in the last bit.)
+  The order does not depend on the leading axes, the backend or XLA's
+  reduction strategy, so a layer quantized alone or inside a stack gets the
+  same bits.
   """
-  n = jax.lax.optimization_barrier(jnp.float32(am.shape[-1]))
-  return jax.lax.optimization_barrier(jnp.sum(am, axis=-1) / n)
+  n = x.shape[-1]
+  size = 1 << max(n - 1, 0).bit_length()
+  if size != n:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - n)])
+  while x.shape[-1] > 1:
+    half = x.shape[-1] // 2
+    x = x[..., :half] + x[..., half:]
+  return x[..., 0]
+
+
+def mean(am: jax.Array) -> jax.Array:
+  """float32 ``sum / n`` over the last axis (a true division, as torch's mean).
+
+  The barrier keeps XLA from recomputing the mean inside a consumer's fusion,
+  so the offset stored is the one used. torch sums in another order (which depends on the machine), so
+  bitsandbytes' mean can differ from this one in the last bits.
+  """
+  return jax.lax.optimization_barrier(divide(pairwise_sum(am), jnp.float32(am.shape[-1])))
 
 
 def dequantize_scales(q: jax.Array, nested: jax.Array, offset: jax.Array) -> jax.Array:
   """Inverse of :func:`double_quantize`: ``dynamic_map[q] * nested_b + offset``, float32 ``[*lead, nb]``."""
   nb = q.shape[-1]
-  vals = to_blocks(jnp.take(jnp.asarray(C.dynamic_map()), q.astype(jnp.int32)), NESTED_BLOCK)
+  vals = to_blocks(lookup(C.dynamic_map(), q.astype(jnp.int32)), NESTED_BLOCK)
   am = rounded(vals * nested[..., None]).reshape(vals.shape[:-2] + (-1,))[..., :nb]
   return am + offset[..., None]

@@ -13,11 +13,13 @@ dequantized (bf16/f32) base instead.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from jlora import lora as L
+from jlora.quant import blockwise as B
 from jlora.quant.qarray import QArray
 from jlora.quant.tree import quantize_array
 
@@ -34,6 +36,14 @@ def relative_error(q: QArray, w: jax.Array) -> jax.Array:
   diff = jnp.linalg.norm((q.dequantize(jnp.float32) - w).ravel())
   norm = jnp.linalg.norm(w.ravel())
   return jnp.where(norm > 0, diff / jnp.where(norm > 0, norm, 1.0), diff)
+
+
+@functools.partial(jax.jit, static_argnames=("subtract", "path"))
+def _merge(q: QArray, lora: L.LoRA, subtract: bool, path: str):
+  w = q.dequantize(jnp.float32)
+  new = L.unmerge_weight(w, lora, path) if subtract else L.merge_weight(w, lora)
+  merged = requantize(new, q, path)
+  return merged, relative_error(merged, new), B.count_bad(new)
 
 
 def merge_weight(q: QArray, lora: L.LoRA, *, subtract: bool = False,
@@ -54,7 +64,10 @@ def merge_weight(q: QArray, lora: L.LoRA, *, subtract: bool = False,
   Example:
     >>> merged, err = merge_weight(q, ad["d"]["kernel"])   # doctest: +SKIP
   """
-  w = q.dequantize(jnp.float32)
-  new = L.unmerge_weight(w, lora, path) if subtract else L.merge_weight(w, lora)
-  merged = requantize(new, q, path)
-  return merged, relative_error(merged, new)
+  if subtract and lora.magnitude is not None:     # raise here, not inside the trace
+    L.unmerge_weight(jnp.zeros(()), lora, path)
+  merged, err, bad = _merge(q, lora, subtract, path)
+  if not isinstance(bad, jax.core.Tracer) and int(bad):
+    raise ValueError(f"{path}: merging gave {int(bad)} NaN/Inf values (or |x| ≥ 2^125) in a "
+                     f"weight of shape {list(q.shape)}; the adapter holds non-finite numbers")
+  return merged, err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -93,24 +94,19 @@ class QArray:
   # --- values --------------------------------------------------------------
   def block_scales(self) -> jax.Array:
     """Per-block absmax, float32 ``[*lead, nb]`` (double quantization undone)."""
-    if self.nested_scales is None:
-      return self.scales.astype(jnp.float32)
-    return B.dequantize_scales(self.scales, self.nested_scales, self.offset)
+    return _block_scales(self)
 
   def dequantize(self, dtype=None) -> jax.Array:
     """The array in its kernel layout ``[*lead, rows, cols]``, in ``dtype`` (default: logical).
 
     ``table[code] * absmax`` in float32 (as bitsandbytes), then cast: cheap,
-    elementwise and fusible into the consumer under ``jit``.
+    elementwise and fusible into the consumer under ``jit`` (the inner ``jit``
+    is inlined there; called eagerly it compiles once per shape).
 
     Example:
       >>> w = q.dequantize(jnp.bfloat16)   # doctest: +SKIP
     """
-    dtype = self.dtype if dtype is None else jnp.dtype(dtype)
-    rows, cols = self.matrix_shape
-    vals = B.code_values(self.codes, self.scheme) * self.block_scales()[..., None]
-    flat = vals.astype(dtype).reshape(self.lead_shape + (-1,))[..., :rows * cols]
-    return jnp.swapaxes(flat.reshape(self.lead_shape + (cols, rows)), -1, -2)
+    return _dequantize(self, np.dtype(self.dtype if dtype is None else jnp.dtype(dtype)))
 
   def astype(self, dtype) -> jax.Array:
     """``dequantize(dtype)``: lets weight math written for arrays read a QArray."""
@@ -124,6 +120,21 @@ class QArray:
       shape = ["?"]
     return (f"QArray({self.scheme}, shape={shape}, block_size={self.block_size}"
             f"{dq}, dtype={np.dtype(self.dtype).name})")
+
+
+@jax.jit
+def _block_scales(q: QArray) -> jax.Array:
+  if q.nested_scales is None:
+    return q.scales.astype(jnp.float32)
+  return B.dequantize_scales(q.scales, q.nested_scales, q.offset)
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _dequantize(q: QArray, dtype) -> jax.Array:
+  rows, cols = q.matrix_shape
+  vals = B.code_values(q.codes, q.scheme) * B.step(_block_scales(q), q.scheme)[..., None]
+  flat = vals.astype(dtype).reshape(q.lead_shape + (-1,))[..., :rows * cols]
+  return jnp.swapaxes(flat.reshape(q.lead_shape + (cols, rows)), -1, -2)
 
 
 def partition_specs(q: QArray, axis_name) -> QArray:

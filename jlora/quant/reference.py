@@ -106,9 +106,12 @@ def error_bound(ref: dict) -> np.ndarray:
   The first term is the code book's rounding (half its largest gap); the
   second what double quantization loses on the block's absmax.
   """
-  shape = ref["shape"]
   b = C.half_gap(ref["scheme"]) * ref["absmax"] + np.abs(ref["absmax"] - ref["scales"])
-  full = np.broadcast_to(b[..., None], ref["codes"].shape)
+  return per_value(b, ref["shape"], ref["codes"].shape[-1])
+
+
+def per_value(per_block: np.ndarray, shape, block_size: int) -> np.ndarray:
+  """Spreads ``[*lead, nb]`` per-block numbers to every value of an array of ``shape``."""
   rows, cols = shape[-2:]
-  flat = full.reshape(shape[:-2] + (-1,))[..., :rows * cols]
-  return np.swapaxes(flat.reshape(shape[:-2] + (cols, rows)), -1, -2)
+  full = np.repeat(per_block, block_size, axis=-1)[..., :rows * cols]
+  return np.swapaxes(full.reshape(tuple(shape[:-2]) + (cols, rows)), -1, -2)

@@ -36,7 +36,7 @@ def _quantize(x, scheme: str, block_size: int, double_quant: bool):
   if scheme == "int8":
     codes = B.codes_int8(xb, am)
   elif scheme == "int4":
-    codes = B.pack(B.codes_4bit(xb / jnp.where(am > 0, am, 1.0)[..., None], scheme))
+    codes = B.pack(B.codes_int4(xb, am))
   else:
     codes = B.pack(B.codes_4bit(B.scale_4bit(xb, am, n), scheme))
     am = B.stored_absmax(am, n, block_size)
