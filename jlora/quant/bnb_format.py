@@ -37,9 +37,11 @@ def to_bnb(q: QArray, name: str = "weight") -> dict[str, np.ndarray]:
   """The tensors bitsandbytes would save for a 2-D NF4/FP4 kernel ``q`` (``[in, out]``), keyed ``name...``.
 
   Example:
-    >>> tensors = to_bnb(quantize_array(jnp.ones((64, 32))), "lin.weight")   # doctest: +SKIP
-    >>> sorted(tensors)[0]
-    'lin.weight'
+    >>> import jax.numpy as jnp
+    >>> from jlora.quant import quantize_array
+    >>> t = to_bnb(quantize_array(jnp.ones((64, 32))), "lin.weight")     # kernel [in, out]
+    >>> t["lin.weight"].shape, t["lin.weight.absmax"].dtype, sorted(t)[-1]
+    ((1024, 1), dtype('uint8'), 'lin.weight.quant_state.bitsandbytes__nf4')
   """
   _check_exportable(q, name)
   rows, cols = q.matrix_shape
@@ -132,7 +134,13 @@ def save_safetensors(path, tensors: Mapping[str, Any], metadata: Mapping[str, st
   Plain arrays are written as they are (so give PyTorch layouts, e.g. ``[out, in]``).
 
   Example:
-    >>> save_safetensors("model.safetensors", {"lin.weight": q, "lin.bias": b})   # doctest: +SKIP
+    >>> import os, tempfile, jax.numpy as jnp
+    >>> from jlora.quant import quantize_array
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
+    >>> save_safetensors(path, {"lin.weight": quantize_array(jnp.ones((64, 32))),
+    ...                         "lin.bias": np.zeros(32, np.float32)})
+    >>> {k: type(v).__name__ for k, v in sorted(load_safetensors(path).items())}
+    {'lin.bias': 'ndarray', 'lin.weight': 'QArray'}
   """
   from safetensors.numpy import save_file
   flat = {}

@@ -62,7 +62,13 @@ def merge_weight(q: QArray, lora: L.LoRA, *, subtract: bool = False,
     / ‖deq(q) ± ΔW‖`` (float32 scalar array).
 
   Example:
-    >>> merged, err = merge_weight(q, ad["d"]["kernel"])   # doctest: +SKIP
+    >>> from jlora import LoraConfig, init_adapter
+    >>> from jlora.quant import quantize_array
+    >>> params = {"d": {"kernel": jnp.ones((64, 32))}}
+    >>> lo = init_adapter(jax.random.key(0), params, LoraConfig(rank=2, targets=["d"]))["d"]["kernel"]
+    >>> merged, err = merge_weight(quantize_array(params["d"]["kernel"]), lo)
+    >>> merged.shape, float(err)        # B starts at zero: nothing to add, nothing lost
+    ((64, 32), 0.0)
   """
   if subtract and lora.magnitude is not None:     # raise here, not inside the trace
     L.unmerge_weight(jnp.zeros(()), lora, path)

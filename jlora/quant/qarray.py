@@ -41,9 +41,10 @@ class QArray:
   ``matrix_shape`` ``(rows, cols)``, ``dtype`` (the logical dtype).
 
   Example:
-    >>> q = jlora.quantize_array(jnp.ones((64, 32)), "nf4")   # doctest: +SKIP
-    >>> q.shape, q.dequantize().shape
-    ((64, 32), (64, 32))
+    >>> from jlora.quant import quantize_array
+    >>> q = quantize_array(jnp.ones((3, 64, 32)), "nf4")     # 3 stacked [64, 32] kernels
+    >>> q.shape, q[0].shape, q.dequantize().shape
+    ((3, 64, 32), (64, 32), (3, 64, 32))
   """
   codes: jax.Array
   scales: jax.Array
@@ -104,7 +105,9 @@ class QArray:
     is inlined there; called eagerly it compiles once per shape).
 
     Example:
-      >>> w = q.dequantize(jnp.bfloat16)   # doctest: +SKIP
+      >>> from jlora.quant import quantize_array
+      >>> quantize_array(jnp.ones((64, 32))).dequantize(jnp.bfloat16).dtype
+      dtype(bfloat16)
     """
     return _dequantize(self, np.dtype(self.dtype if dtype is None else jnp.dtype(dtype)))
 
