@@ -17,7 +17,7 @@ import pytest
 
 import jlora
 from conftest import rel_err
-from jlora.quant import QArray, blockwise as B, codebooks as C, reference as R
+from jlora.quant import QArray, codebooks as C, reference as R
 from jlora.quant import dequantize, nbytes, partition_specs, quantize, quantize_array
 
 SCHEMES = C.SCHEMES

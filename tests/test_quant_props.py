@@ -5,7 +5,6 @@ costs a compilation); values are drawn freely: Gaussian, sparse, constant
 and zero blocks, at scales from 1e-30 to 1e30. Every draw is checked against
 the float64 NumPy reference with the bound of tests/test_quant.py.
 """
-import jax.numpy as jnp
 import numpy as np
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 

@@ -185,8 +185,8 @@ def double_quantize(am: jax.Array, offset: jax.Array | None = None):
 
   Returns ``(qscales: [*lead, nb] uint8, nested: [*lead, ceil(nb/256)] float32,
   offset: [*lead] float32)``. ``offset`` may be given (to reproduce a state
-  computed elsewhere); by default it is ``jnp.mean`` in float32, which can
-  differ from torch's mean in the last bit.
+  computed elsewhere); by default it is :func:`mean`, which can differ from
+  torch's mean in the last bits.
   """
   nb = am.shape[-1]
   if offset is None:
@@ -224,8 +224,9 @@ def mean(am: jax.Array) -> jax.Array:
   """float32 ``sum / n`` over the last axis (a true division, as torch's mean).
 
   The barrier keeps XLA from recomputing the mean inside a consumer's fusion,
-  so the offset stored is the one used. torch sums in another order (which depends on the machine), so
-  bitsandbytes' mean can differ from this one in the last bits.
+  so the offset stored is the one used. torch sums in another order (which
+  depends on the machine), so bitsandbytes' mean can differ from this one in
+  the last bits.
   """
   return jax.lax.optimization_barrier(divide(pairwise_sum(am), jnp.float32(am.shape[-1])))
 

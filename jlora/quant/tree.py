@@ -13,7 +13,6 @@ import numpy as np
 from jlora import paths
 from jlora.config import HEAD_NAMES
 from jlora.quant import blockwise as B
-from jlora.quant import codebooks as C
 from jlora.quant.qarray import QArray, check_scheme
 
 MIN_SIZE = 4096
