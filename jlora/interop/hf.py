@@ -146,8 +146,8 @@ def from_hf(directory: str | os.PathLike, dtype=jnp.float32, *, scan_layers: boo
     file, missing, unexpected or wrongly shaped tensors.
 
   Example:
-    >>> model, params = from_hf("TinyLlama-1.1B", dtype=jnp.bfloat16)  # doctest: +SKIP
-    >>> logits = model.apply({"params": params}, ids)                   # doctest: +SKIP
+      model, params = from_hf("TinyLlama-1.1B", dtype=jnp.bfloat16)
+      logits = model.apply({"params": params}, ids)
   """
   directory = os.fspath(directory)
   source = os.path.join(directory, "config.json")
@@ -290,7 +290,7 @@ def to_hf(directory: str | os.PathLike, config: LlamaConfig, params: Any, *,
     The names of the files written.
 
   Example:
-    >>> to_hf("out", model.config, params, max_shard_size=2**30)   # doctest: +SKIP
+      to_hf("out", model.config, params, max_shard_size=2**30)
   """
   directory = os.fspath(directory)
   specs = paths.flatten(nn.unbox(abstract_params(config)))

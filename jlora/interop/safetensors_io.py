@@ -146,8 +146,8 @@ def open_checkpoint(directory: str) -> Checkpoint:
   """Opens the safetensors checkpoint in ``directory`` (single file or sharded).
 
   Example:
-    >>> with open_checkpoint(path) as ckpt:            # doctest: +SKIP
-    ...   w = ckpt.read("model.norm.weight")
+      with open_checkpoint(path) as ckpt:
+        w = ckpt.read("model.norm.weight")
   """
   return Checkpoint(os.fspath(directory))
 
