@@ -90,7 +90,8 @@ class LlamaConfig:
       nothing), "dots", "dots_no_batch", or a ``jax.checkpoint_policies``
       policy name (a key of ``REMAT_POLICIES``).
     attention_impl: ``implementation=`` of ``jax.nn.dot_product_attention``
-      (None lets JAX choose, "xla", "cudnn").
+      (None: cuDNN on a GPU with 16-bit inputs when it accepts the shapes,
+      else XLA; or force "xla" / "cudnn").
 
   Example:
     >>> cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96,
