@@ -292,3 +292,37 @@ def test_adapts_through_jlora_apply(rng):
   out = generate(model, (params, adapter), ids, 3, apply_fn=apply_fn)
   full = forward(merged, out[:, :-1])
   np.testing.assert_array_equal(np.argmax(full[:, 4:], -1), out[:, 5:])
+
+
+def test_causal_fast_path_equals_explicit_mask():
+  """Without padding the model asks for ``is_causal`` (no mask array); same logits."""
+  cfg = _config()
+  model = Llama(cfg)
+  ids = jax.random.randint(jax.random.key(3), (2, 7), 0, cfg.vocab_size)
+  params = unboxed_init(model, jax.random.key(0), ids)
+  plain = model.apply({"params": params}, ids)
+  masked = model.apply({"params": params}, ids, attention_mask=jnp.ones_like(ids))
+  np.testing.assert_allclose(plain, masked, rtol=1e-6, atol=1e-6)
+
+
+def test_quantized_init_is_layer_by_layer_quantize():
+  """quantized_init: quantize(unboxed_init)'s tree and shapes; scanned == unscanned values."""
+  import jlora
+  from jlora.models import quantized_init
+  ids = jnp.ones((1, 4), jnp.int32)
+  trees = {}
+  for scan in (False, True):
+    cfg = _config(scan_layers=scan)
+    q = quantized_init(cfg, jax.random.key(5), scheme="nf4")
+    ref = jlora.quantize(unboxed_init(Llama(cfg), jax.random.key(0), ids), "nf4")
+    shapes = lambda t: jax.tree.map(lambda a: (a.shape, a.dtype), t)
+    assert jax.tree.structure(q) == jax.tree.structure(ref) and shapes(q) == shapes(ref)
+    trees[scan] = jlora.dequantize(quantized_init(cfg, jax.random.key(5), scheme="nf4",
+                                                  min_size=0))
+  flat, stacked = trees[False], trees[True]
+  for i in range(cfg.num_hidden_layers):
+    jax.tree.map(np.testing.assert_array_equal, flat[f"layers_{i}"],
+                 jax.tree.map(lambda a: a[i], stacked["layers"]))
+  w = stacked["layers"]["mlp"]["up_proj"]["kernel"]
+  assert abs(float(jnp.std(w)) / cfg.initializer_range - 1) < 0.05  # the model's initializer
+  assert float(jnp.abs(w[0] - w[1]).max()) > 0  # each layer its own draw

@@ -157,18 +157,21 @@ class Attention(nn.Module):
 
 
 def attention(q, k, v, mask, scale, implementation=None):
-  """``jax.nn.dot_product_attention``; with ``implementation=None`` on a GPU and
-  16-bit inputs, cuDNN's fused (flash) kernel is tried first, since XLA's
-  default materialises the [batch, heads, q, k] scores (2.3x slower and 3x the
-  memory for the TinyLlama benchmark, benchmarks/NOTES.md)."""
+  """``jax.nn.dot_product_attention``, causal when ``mask`` is None.
+
+  With ``implementation=None`` on a GPU and 16-bit inputs, cuDNN's fused
+  (flash) kernel is tried first, since XLA's default materialises the
+  [batch, heads, q, k] scores (2.3x slower and 3x the memory for the TinyLlama
+  benchmark, benchmarks/NOTES.md).
+  """
+  kw = dict(mask=mask, scale=scale, is_causal=mask is None)
   if implementation is None and jax.default_backend() == "gpu" and q.dtype in (
       jnp.bfloat16, jnp.float16):
     try:
-      return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **kw)
     except (ValueError, NotImplementedError, RuntimeError):
       pass  # shapes/masks cuDNN does not take: fall back to XLA
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
-                                      implementation=implementation)
+  return jax.nn.dot_product_attention(q, k, v, implementation=implementation, **kw)
 
 
 class MLP(nn.Module):
@@ -262,7 +265,10 @@ class Llama(nn.Module):
                                                                      (0, cache.index))
     if positions is None:
       positions = jnp.broadcast_to(slots[None, :], (b, t))
-    mask = causal_mask(slots, key_valid, c.sliding_window)
+    # Unpadded, uncached, unwindowed: plain causal attention, which cuDNN's
+    # flash kernel masks itself (no [batch, 1, T, T] mask array).
+    mask = (None if attention_mask is None and cache is None and c.sliding_window is None
+            else causal_mask(slots, key_valid, c.sliding_window))
     kv = None if cache is None else (cache.k, cache.v)
     x, kv = self._layers(x, positions, mask, kv, index)
     x = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="norm")(x)
@@ -329,3 +335,51 @@ def abstract_params(config: LlamaConfig) -> dict:
   """
   ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   return jax.eval_shape(lambda k, x: Llama(config).init(k, x), jax.random.key(0), ids)["params"]
+
+
+def quantized_init(config: LlamaConfig, key: jax.Array, **quantize_kwargs) -> dict:
+  """Random parameters with the layers' kernels quantized as each layer is made.
+
+  ``quantize(unboxed_init(...))`` needs the whole full-precision model in
+  memory first; this builds one decoder layer at a time (with the model's own
+  initializers, inside ``jit``), quantizes it at once with
+  ``jlora.quantize(layer, **quantize_kwargs)`` and stacks the results, so the
+  peak is the quantized model plus one full-precision layer. That is how a
+  70B-shape base (140 GB in bf16) is made on one 80 GB GPU. The embedding,
+  final norm and ``lm_head`` come from a one-layer model and are left as they
+  are (``jlora.quantize`` skips output heads by default).
+
+  The tree has :func:`unboxed_init`'s structure and shapes (stacked under
+  ``layers`` with ``scan_layers``, else ``layers_{i}``); layer ``i`` is
+  ``quantize(DecoderLayer.init(jax.random.split(k, n)[i]))``, not the same
+  random draw as ``model.init``.
+
+  Example:
+    >>> from jlora.models.config import preset
+    >>> p = quantized_init(preset("tiny"), jax.random.key(0), scheme="nf4")
+    >>> type(p["layers_0"]["mlp"]["up_proj"]["kernel"]).__name__
+    'QArray'
+  """
+  from jlora.quant import quantize
+  from jlora.quant.tree import MIN_SIZE
+
+  n = config.num_hidden_layers
+  if config.scan_layers:  # targets by the stacked size, as quantize(unboxed_init(...)) does
+    quantize_kwargs["min_size"] = -(-quantize_kwargs.get("min_size", MIN_SIZE) // n)
+  k_outer, k_layers = jax.random.split(key)
+  ids = jnp.zeros((1, 1), jnp.int32)
+  outer = unboxed_init(Llama(dataclasses.replace(config, num_hidden_layers=1,
+                                                 scan_layers=False)), k_outer, ids)
+  del outer["layers_0"]
+  layer = DecoderLayer(dataclasses.replace(config, remat=None))
+  x = jnp.zeros((1, 1, config.hidden_size), config.dtype)
+
+  def one(k):
+    return quantize(nn.unbox(layer.init(k, x, jnp.zeros((1, 1), jnp.int32), None)["params"]),
+                    **quantize_kwargs)
+
+  keys = jax.random.split(k_layers, n)
+  if config.scan_layers:
+    return {**outer, "layers": jax.jit(lambda ks: lax.map(one, ks))(keys)}
+  make = jax.jit(one)
+  return {**outer, **{f"layers_{i}": make(keys[i]) for i in range(n)}}
