@@ -85,7 +85,10 @@ def lookup(table, idx: jax.Array) -> jax.Array:
   table = jnp.asarray(table)
   sharding = jax.typeof(idx).sharding if hasattr(jax, "typeof") else None
   if sharding is None:
-    return jnp.take(table, idx)
+    return jnp.take(table, idx, axis=0)
+  if table.ndim > 1:  # rows of the table: trailing axes replicated
+    spec = tuple(sharding.spec) + (None,) * (idx.ndim - len(sharding.spec) + table.ndim - 1)
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
   return table.at[idx].get(out_sharding=sharding)
 
 
@@ -162,7 +165,11 @@ def code_values(codes: jax.Array, scheme: str) -> jax.Array:
   """The float32 value of each code: ``table[code]`` (4-bit), the integer itself (int8)."""
   if scheme == "int8":
     return codes.astype(jnp.float32)
-  return lookup(C.TABLES[scheme], unpack(codes).astype(jnp.int32))
+  # One gather per byte from a [256, 2] table of both nibbles' values (high
+  # nibble first) is already in element order: no unpack-and-interleave pass.
+  pairs = np.stack([np.repeat(C.TABLES[scheme], 16), np.tile(C.TABLES[scheme], 16)], -1)
+  return lookup(pairs.astype(np.float32), codes.astype(jnp.int32)).reshape(
+      codes.shape[:-1] + (-1,))
 
 
 def step(absmax: jax.Array, scheme: str) -> jax.Array:
