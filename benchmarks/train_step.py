@@ -8,11 +8,19 @@ memory is that variant's alone:
   python benchmarks/train_step.py lora            # bf16 base
   python benchmarks/train_step.py qlora           # NF4 + double quant base
   python benchmarks/train_step.py lora --preset tiny --batch 2 --seq 64   # CPU smoke run
+  python benchmarks/train_step.py qlora --preset llama-3-70b --batch 1 --remat full
 
-Prints one JSON line per variant, prefixed with RESULT.
+The QLoRA base is made by ``jlora.models.quantized_init`` (one layer at a time,
+quantized as it is made), so no full-precision copy of the model ever exists.
+
+Prints one JSON line per variant, prefixed with RESULT: ``step_s`` is the
+median of steps each synchronised (``block_until_ready``), ``pipelined_*``
+the mean of steps run back to back with one sync at the end, which is how the
+PEFT anchor script times itself.
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -24,7 +32,8 @@ import jax.numpy as jnp
 import jlora
 from jlora import train
 from jlora.models.config import preset
-from jlora.models.llama import Llama, unboxed_init
+from jlora.models.llama import Llama, quantized_init, unboxed_init
+from jlora.quant import QArray
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -48,20 +57,37 @@ def main(argv=None):
   ap.add_argument("--seq", type=int, default=int(os.environ.get("T", 1024)))
   ap.add_argument("--steps", type=int, default=10)
   ap.add_argument("--warmup", type=int, default=3)
-  ap.add_argument("--scan", type=int, default=1)
+  ap.add_argument("--scan", type=int, default=0, help="1: one nn.scan over the layers")
   ap.add_argument("--attention", default=None, help="jax.nn.dot_product_attention implementation")
+  ap.add_argument("--remat", default=None, help="LlamaConfig.remat policy (e.g. full)")
+  ap.add_argument("--profile", default=None,
+                  help="write a jax.profiler trace (perfetto json) of 3 more steps to this folder")
   args = ap.parse_args(argv)
 
   cfg = preset(args.preset).replace(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                    scan_layers=bool(args.scan), attention_impl=args.attention)
+                                    scan_layers=bool(args.scan), attention_impl=args.attention,
+                                    remat=args.remat)
   model = Llama(cfg)
   ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, cfg.vocab_size)
-  params = jax.jit(lambda k: unboxed_init(model, k, ids[:1, :8]))(jax.random.key(0))
+  t_init = time.perf_counter()
   if args.variant == "qlora":
-    params = jlora.quantize(params, scheme="nf4", block_size=64, double_quant=True,
-                            targets=r".*_proj/kernel")
+    params = quantized_init(cfg, jax.random.key(0), scheme="nf4", block_size=64,
+                            double_quant=True, targets=r".*_proj/kernel")
+  else:  # initialised scanned (compiles fast), then split into layers_{i} if unrolled
+    scanned = Llama(cfg.replace(scan_layers=True))
+    params = jax.jit(lambda k: unboxed_init(scanned, k, ids[:1, :8]))(jax.random.key(0))
+    if not cfg.scan_layers:
+      stack = params.pop("layers")
+      params.update({f"layers_{i}": jax.tree.map(lambda a: a[i], stack)
+                     for i in range(cfg.num_hidden_layers)})
+      del stack
   jax.block_until_ready(params)
+  t_init = time.perf_counter() - t_init
   weight_bytes = jlora.nbytes(params)
+  quantized = [q for q in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray))
+               if isinstance(q, QArray)]
+  q_bytes_per_param = (sum(jlora.nbytes(q) for q in quantized)
+                       / sum(math.prod(q.shape) for q in quantized)) if quantized else None
 
   lcfg = jlora.LoraConfig(rank=16, alpha=32, targets=TARGETS)
   adapter = jlora.init_adapter(jax.random.key(2), params, lcfg, model=model, args=(ids[:1, :8],))
@@ -85,14 +111,30 @@ def main(argv=None):
     if i >= args.warmup - 1:
       times.append(time.perf_counter() - t0)
   dt = statistics.median(times)
+  # As the PEFT anchor times itself: steps back to back, one sync at the end
+  # (the host queues step i+1 while the device runs step i).
+  t0 = time.perf_counter()
+  for _ in range(args.steps):
+    adapter, state, m = step(adapter, state, params, ids)
+  jax.block_until_ready(m)
+  dt_pipe = (time.perf_counter() - t0) / args.steps
+  if args.profile:
+    with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+      for _ in range(3):
+        adapter, state, m = step(adapter, state, params, ids)
+      jax.block_until_ready(m)
   dev = jax.local_devices()[0]
   stats = dev.memory_stats() or {}
   tokens = args.batch * args.seq
   fpt = flops_per_token(cfg, args.seq)
   result = dict(
       variant=f"jlora_{args.variant}", device=dev.device_kind, step_s=round(dt, 4),
-      tokens_per_s=round(tokens / dt), peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
-      weight_gib=round(weight_bytes / 2**30, 3), trainable=jlora.count_params(adapter),
+      tokens_per_s=round(tokens / dt), pipelined_step_s=round(dt_pipe, 4),
+      pipelined_tokens_per_s=round(tokens / dt_pipe), peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
+      weight_gib=round(weight_bytes / 2**30, 3),
+      bytes_per_quantized_param=q_bytes_per_param and round(q_bytes_per_param, 4),
+      init_s=round(t_init, 1), preset=args.preset, batch=args.batch, seq=args.seq,
+      remat=args.remat, trainable=jlora.count_params(adapter),
       loss=round(float(m["loss"]), 3), compile_s=round(t_compile, 1),
       tflops=round(fpt * tokens / dt / 1e12, 1), bound_tokens_per_s_at_797=round(797e12 / fpt),
       jax=jax.__version__)

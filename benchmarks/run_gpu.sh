@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU benchmark calls, as run through the device tool (one mode per call):
+#   bash benchmarks/run_gpu.sh tiny     # TinyLlama shape: jlora LoRA/QLoRA + the PEFT anchor
+#   bash benchmarks/run_gpu.sh large    # 8B LoRA (jlora, PEFT) and 70B QLoRA (jlora)
+#   bash benchmarks/run_gpu.sh peft70b  # 70B QLoRA with PEFT + bitsandbytes
+#   bash benchmarks/run_gpu.sh probe    # kernel-time table, command buffers off, dequant alone
+# bitsandbytes travels as a wheel in .whl/ (ignored by git) and goes to /tmp/site,
+# so nothing replaces the image's CUDA jax or torch. Logs and traces go to $OUT.
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+pip install -q --no-deps --target /tmp/site .whl/bitsandbytes-*.whl >/dev/null 2>&1
+export PYTHONPATH=$PWD:/tmp/site XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import jax, flax, torch, transformers, peft; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+run() { echo "+ $*"; "$@" 2>&1 | grep -v Warning | tail -4; }
+case "$1" in
+  tiny)  # the BENCHMARKS.md workload, jlora (unrolled and scanned layers) then the anchor
+    for v in lora qlora; do
+      run python3 benchmarks/train_step.py $v --scan 0
+      run python3 benchmarks/train_step.py $v --scan 1
+    done
+    run python3 benchmarks/peft_baseline.py lora qlora ;;
+  large)
+    run python3 benchmarks/train_step.py lora --preset llama-3-8b --batch 2 --scan 1
+    run python3 benchmarks/peft_large.py lora8b
+    run python3 benchmarks/train_step.py qlora --preset llama-3-70b --batch 1 --remat full --scan 1 ;;
+  peft70b)
+    run python3 benchmarks/peft_large.py qlora70b ;;
+  probe)  # where the time goes: kernel table, XLA command buffers off, the dequant kernel
+    run python3 benchmarks/train_step.py lora --scan 0 --profile "$OUT/prof"
+    python3 benchmarks/kernels.py "$OUT/prof" --top 30
+    cp "$(find "$OUT/prof" -name perfetto_trace.json.gz | head -1)" "$OUT/lora.json.gz"
+    rm -rf "${OUT:?}/prof"
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= run python3 benchmarks/train_step.py lora --scan 0
+    run python3 benchmarks/dequant.py ;;
+  *) echo "usage: bash benchmarks/run_gpu.sh tiny|large|peft70b|probe" >&2; exit 2 ;;
+esac
