@@ -153,6 +153,24 @@ def is_quantized(x: Any) -> bool:
   return paths.is_node(x) and not isinstance(x, L.LoRA) and hasattr(x, "dequantize")
 
 
+def adapter_slots(flat: dict[str, Any], adapter: Any, where: str) -> dict[str, L.LoRA | None]:
+  """``{path: LoRA or None}``: each adapted weight of ``flat`` and each quantized one.
+
+  Quantized weights get a slot (None: no adapter) because they must be
+  dequantized where they are used. Raises ValueError when an adapter path is
+  not in ``flat`` (``where`` names that tree) or its LoRA does not fit the weight.
+  """
+  from jlora import adapter as adapter_mod
+  ads = adapter_mod.loras(adapter) if adapter is not None else {}
+  for p, lo in ads.items():
+    if p not in flat:
+      raise ValueError(f"adapter path {p!r} is not in {where} (it has e.g. {list(flat)[:4]})")
+    L.check_weight(tuple(flat[p].shape), lo, p)
+  slots: dict[str, L.LoRA | None] = {p: None for p, w in flat.items() if is_quantized(w)}
+  slots.update(ads)
+  return slots
+
+
 def plain(weight: Any) -> jax.Array:
   """The weight as an array (a quantized one dequantized)."""
   return weight.dequantize() if is_quantized(weight) else weight

@@ -243,26 +243,13 @@ def apply(model: nn.Module, variables: Mapping, adapter: Any, *args, rngs=None,
     raise ValueError("jlora.apply: the 'params' collection cannot be mutable")
   params = variables["params"]
   flat = paths.flatten(params)
-  slots = _slots(flat, adapter)
+  slots = layers.adapter_slots(flat, adapter, "the params tree")
   run_vars = {**variables, "params": inject(params, slots)}
   icpt = Interceptor()
   with nn.intercept_methods(icpt):
     out = model.apply(run_vars, *args, rngs=rngs, method=method, mutable=mutable, **kwargs)
   check_seen(slots, icpt.seen, "the adapted or quantized weight")
   return out
-
-
-def _slots(flat: Mapping[str, Any], adapter: Any) -> dict[str, L.LoRA | None]:
-  from jlora import adapter as adapter_mod
-  ads = adapter_mod.loras(adapter) if adapter is not None else {}
-  for p, lo in ads.items():
-    if p not in flat:
-      raise ValueError(f"adapter path {p!r} is not in the params tree "
-                       f"(it has e.g. {list(flat)[:4]})")
-    L.check_weight(tuple(flat[p].shape), lo, p)
-  slots: dict[str, L.LoRA | None] = {p: None for p, w in flat.items() if layers.is_quantized(w)}
-  slots.update(ads)
-  return slots
 
 
 def trace(model: nn.Module, params: Any, args, kwargs=None, *, collections=None,

@@ -219,19 +219,10 @@ def with_adapter(model: nnx.Module, adapter: Any, *, state: Any = None, rngs=Non
     >>> wrapped(jnp.ones((2, 16))).shape
     (2, 8)
   """
-  from jlora import adapter as adapter_mod
   graphdef, full = nnx.split(model)
   if state is not None:
     full = _overlay(full, state)
-  flat = paths.flatten(full)
-  ads = adapter_mod.loras(adapter) if adapter is not None else {}
-  for p, lo in ads.items():
-    if p not in flat:
-      raise ValueError(f"adapter path {p!r} is not in the model's state (it has e.g. "
-                       f"{list(flat)[:4]})")
-    L.check_weight(tuple(flat[p].shape), lo, p)
-  targets = {p: None for p, v in flat.items() if layers.is_quantized(v)}
-  targets.update(ads)
+  targets = layers.adapter_slots(paths.flatten(full), adapter, "the model's state")
   copy = nnx.merge(graphdef, full, copy=True)
   for p, lo in targets.items():
     mod_path, _, leaf = p.rpartition(paths.SEP)

@@ -21,6 +21,8 @@ import os
 import re
 from typing import Any, Iterable, Mapping
 
+from jlora.interop.safetensors_io import read_json
+
 CONFIG_NAME = "adapter_config.json"
 ALL_LINEAR = "all-linear"
 
@@ -83,13 +85,7 @@ def read(directory: str | os.PathLike) -> dict:
   path = os.path.join(os.fspath(directory), CONFIG_NAME)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}: not a PEFT adapter directory")
-  try:
-    with open(path, encoding="utf-8") as f:
-      d = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from None
-  if not isinstance(d, dict):
-    raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+  d = read_json(path)
   validate(d, path)
   return d
 

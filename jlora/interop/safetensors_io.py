@@ -29,9 +29,9 @@ def read_json(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
       data = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path} is not valid JSON: {e}") from None
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
   if not isinstance(data, dict):
-    raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
   return data
 
 
