@@ -4,6 +4,7 @@
 #   bash benchmarks/run_gpu.sh large    # 8B LoRA (jlora, PEFT) and 70B QLoRA (jlora)
 #   bash benchmarks/run_gpu.sh peft70b  # 70B QLoRA with PEFT + bitsandbytes
 #   bash benchmarks/run_gpu.sh probe    # kernel-time table, command buffers off, dequant alone
+#   bash benchmarks/run_gpu.sh scale    # 8B LoRA scaling over 1/2/4 GPUs (needs nvidia-h200-x4; not yet run)
 # bitsandbytes travels as a wheel in .whl/ (ignored by git) and goes to /tmp/site,
 # so nothing replaces the image's CUDA jax or torch. Logs and traces go to $OUT.
 set -u
@@ -27,6 +28,11 @@ case "$1" in
     run python3 benchmarks/train_step.py qlora --preset llama-3-70b --batch 1 --remat full --scan 1 ;;
   peft70b)
     run python3 benchmarks/peft_large.py qlora70b ;;
+  scale)  # 8B LoRA on 1, 2, 4 GPUs (kind nvidia-h200-x4): data parallel and FSDP, 2 sequences a GPU
+    for n in 1 2 4; do
+      run python3 benchmarks/train_step.py lora --preset llama-3-8b --scan 1 --batch $((2 * n)) --mesh $n,1,1
+      run python3 benchmarks/train_step.py lora --preset llama-3-8b --scan 1 --batch $((2 * n)) --mesh 1,$n,1
+    done ;;
   probe)  # where the time goes: kernel table, XLA command buffers off, the dequant kernel
     run python3 benchmarks/train_step.py lora --scan 0 --profile "$OUT/prof"
     python3 benchmarks/kernels.py "$OUT/prof" --top 30
@@ -34,5 +40,5 @@ case "$1" in
     rm -rf "${OUT:?}/prof"
     XLA_FLAGS=--xla_gpu_enable_command_buffer= run python3 benchmarks/train_step.py lora --scan 0
     run python3 benchmarks/dequant.py ;;
-  *) echo "usage: bash benchmarks/run_gpu.sh tiny|large|peft70b|probe" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/run_gpu.sh tiny|large|peft70b|probe|scale" >&2; exit 2 ;;
 esac

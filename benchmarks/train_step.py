@@ -9,6 +9,7 @@ memory is that variant's alone:
   python benchmarks/train_step.py qlora           # NF4 + double quant base
   python benchmarks/train_step.py lora --preset tiny --batch 2 --seq 64   # CPU smoke run
   python benchmarks/train_step.py qlora --preset llama-3-70b --batch 1 --remat full
+  python benchmarks/train_step.py lora --preset llama-3-8b --batch 8 --mesh 1,4,1   # 4 devices
 
 The QLoRA base is made by ``jlora.models.quantized_init`` (one layer at a time,
 quantized as it is made), so no full-precision copy of the model ever exists.
@@ -23,7 +24,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 
 import jax
@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import jlora
 from jlora import train
 from jlora.models.config import preset
-from jlora.models.llama import Llama, quantized_init, unboxed_init
+from jlora import sharding as S
+from jlora.models.llama import Llama, abstract_params, quantized_init, unboxed_init
 from jlora.quant import QArray
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -60,6 +61,9 @@ def main(argv=None):
   ap.add_argument("--scan", type=int, default=0, help="1: one nn.scan over the layers")
   ap.add_argument("--attention", default=None, help="jax.nn.dot_product_attention implementation")
   ap.add_argument("--remat", default=None, help="LlamaConfig.remat policy (e.g. full)")
+  ap.add_argument("--mesh", default=None,
+                  help="DATA,FSDP,TENSOR: a jlora.sharding step over that device mesh "
+                       "(the batch is the global batch)")
   ap.add_argument("--profile", default=None,
                   help="write a jax.profiler trace (perfetto json) of 3 more steps to this folder")
   args = ap.parse_args(argv)
@@ -97,8 +101,20 @@ def main(argv=None):
     return train.lm_loss(logits[:, :-1], batch[:, 1:])
 
   opt = train.make_optimizer(1e-4)
-  step = train.make_train_step(loss_fn, opt)
   state = train.init_train_state(adapter, opt)
+  if args.mesh:
+    mesh = S.make_mesh(**dict(zip(("data", "fsdp", "tensor"), map(int, args.mesh.split(",")))))
+    float_sh = S.param_shardings(abstract_params(cfg), mesh)
+    base_sh = S.quantized_shardings(params, float_sh)
+    ad_sh = S.adapter_shardings(adapter, float_sh)
+    st_sh = S.state_shardings(state, ad_sh)
+    step = S.shard_train_step(train.make_train_step(loss_fn, opt, jit=False), mesh,
+                              base_shardings=base_sh, adapter_shardings=ad_sh,
+                              state_shardings=st_sh)
+    params, adapter, state = S.place(params, base_sh), S.place(adapter, ad_sh), S.place(state, st_sh)
+    ids = S.shard_batch(ids, mesh)
+  else:
+    step = train.make_train_step(loss_fn, opt)
   t_compile = time.perf_counter()
   adapter, state, m = step(adapter, state, params, ids)
   jax.block_until_ready(m)
@@ -134,12 +150,13 @@ def main(argv=None):
       weight_gib=round(weight_bytes / 2**30, 3),
       bytes_per_quantized_param=q_bytes_per_param and round(q_bytes_per_param, 4),
       init_s=round(t_init, 1), preset=args.preset, batch=args.batch, seq=args.seq,
-      remat=args.remat, trainable=jlora.count_params(adapter),
+      remat=args.remat, mesh=args.mesh, devices=jax.device_count(), trainable=jlora.count_params(adapter),
       loss=round(float(m["loss"]), 3), compile_s=round(t_compile, 1),
       tflops=round(fpt * tokens / dt / 1e12, 1), bound_tokens_per_s_at_797=round(797e12 / fpt),
       jax=jax.__version__)
   print("RESULT", json.dumps(result), flush=True)
+  return result
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  main()
