@@ -3,8 +3,9 @@
   python3 benchmarks/kernels.py PROFILE_DIR [--top 30] [--steps 3]
 
 Reads every ``perfetto_trace.json.gz`` under PROFILE_DIR (train_step.py
---profile writes one of 3 steps) and prints, for the device (GPU) processes,
-(their "Stream" threads: kernels and copies) the kernels with the largest total time per step, their share, and counts.
+--profile writes one of 3 steps) and prints the kernels and copies on the
+device's "Stream" threads with the largest total time per step, their share
+and their count per step.
 """
 import argparse
 import collections

@@ -62,7 +62,10 @@ def quantized_70b(cfg):
     for name, p in list(mod.named_parameters(recurse=False)):
       if p.is_meta:
         data = torch.empty(p.shape, device="cuda", dtype=torch.bfloat16)
-        data.fill_(1.0) if "Norm" in type(mod).__name__ else data.normal_(0.0, 0.02)
+        if "Norm" in type(mod).__name__:
+          data.fill_(1.0)
+        else:
+          data.normal_(0.0, 0.02)
         setattr(mod, name, torch.nn.Parameter(data, requires_grad=p.requires_grad))
   model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg).to("cuda")
   model.is_loaded_in_4bit = True  # what from_pretrained(quantization_config=...) sets

@@ -167,8 +167,7 @@ def code_values(codes: jax.Array, scheme: str) -> jax.Array:
     return codes.astype(jnp.float32)
   # One gather per byte from a [256, 2] table of both nibbles' values (high
   # nibble first) is already in element order: no unpack-and-interleave pass.
-  pairs = np.stack([np.repeat(C.TABLES[scheme], 16), np.tile(C.TABLES[scheme], 16)], -1)
-  return lookup(pairs.astype(np.float32), codes.astype(jnp.int32)).reshape(
+  return lookup(C.PAIR_TABLES[scheme], codes.astype(jnp.int32)).reshape(
       codes.shape[:-1] + (-1,))
 
 

@@ -34,6 +34,9 @@ INT4 = ((np.arange(16, dtype=np.float32) - np.float32(8)) / np.float32(7)).astyp
 TABLES = {"nf4": NF4, "fp4": FP4, "int4": INT4}
 """The 16-entry table of each 4-bit scheme, indexed by code."""
 
+PAIR_TABLES = {k: np.stack([np.repeat(t, 16), np.tile(t, 16)], -1) for k, t in TABLES.items()}
+"""``[256, 2]`` per 4-bit scheme: the values of a packed byte's two codes, high nibble first."""
+
 QMAX = {"int4": 7, "int8": 127}
 """Largest integer code of the symmetric integer schemes."""
 
