@@ -2,6 +2,7 @@
 
 The public surface is ``__all__``; everything else is internal.
 """
+from jlora.errors import AdapterError, CheckpointError, ConfigError, FormatError, JloraError
 from jlora.config import ALL_LINEAR, LoraConfig
 from jlora.lora import LoRA
 from jlora.adapter import combine, count_params, delta, merge, negate, scale, unmerge
@@ -14,6 +15,7 @@ from jlora.interop import peft
 __version__ = "0.1.0"
 
 __all__ = [
+    "JloraError", "ConfigError", "AdapterError", "CheckpointError", "FormatError",
     "ALL_LINEAR", "LoraConfig", "LoRA",
     "init_adapter", "apply",
     "merge", "unmerge", "delta", "scale", "negate", "combine", "count_params",
