@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from jlora import combining as C
 from jlora import lora as L
 from jlora import paths
-from jlora.config import LoraConfig
+from jlora.config import LoraConfig, names_leaf
+from jlora.errors import AdapterError
 from jlora.quant import merge as quant_merge
 from jlora.quant.qarray import QArray
 
@@ -45,8 +46,10 @@ def init_adapter(key: jax.Array, params: Any, cfg: LoraConfig, *,
     params: the base parameter tree (shapes are all that is read, except for
       "pissa" init and DoRA, which read the weights).
     cfg: the :class:`LoraConfig`.
-    layers: ``{param_path: LayerInfo}`` as learnt by tracing the model
-      (``jlora.init_adapter(..., model=, args=)`` fills it). Without it a
+    layers: ``{param_path: LayerInfo | message}`` for every weight of two or
+      more axes, as learnt by tracing the model (``jlora.init_adapter(...,
+      model=, args=)`` fills it); a message says why the weight cannot be
+      adapted, and a target that selects it raises it. Without ``layers`` a
       ``kernel`` must be 2-D (Dense ``[in, out]``) and an ``embedding`` is an
       ``Embed`` table ``[vocab, dim]``; higher-rank kernels are ambiguous and
       raise.
@@ -63,24 +66,37 @@ def init_adapter(key: jax.Array, params: Any, cfg: LoraConfig, *,
     >>> ad["dense"]["kernel"].a.shape
     (16, 4)
   """
+  traced = layers is not None
   layers = dict(layers or {})
+  skipped = []
   flat = paths.flatten(params)
   out = {}
   for path, w in flat.items():
     info = layers.get(path)
-    if not cfg.matches(path, len(_shape(w)), info.kind if info else None):
+    if traced and info is None:
+      continue                      # not a weight of two or more axes
+    kind = None if info is None else info.kind if isinstance(info, L.LayerInfo) else "none"
+    if not cfg.matches(path, len(_shape(w)), kind):
+      continue
+    if isinstance(info, str):
+      if names_leaf(cfg.targets, path):
+        raise AdapterError(f"LoraConfig.targets={cfg.targets!r} names {info}")
+      skipped.append(info)        # selected through its module: the module's other weights
       continue
     if info is None:
       info = _guess_layer(path, _shape(w))
     rank, alpha = cfg.resolve(path)
-    k = jax.random.fold_in(key, _path_hash(path))
-    out[path] = L.init(k, w, rank=rank, alpha=alpha, kind=info.kind, in_axes=info.in_axes,
-                       out_axes=info.out_axes, stack=info.stack, init=cfg.init,
-                       use_dora=cfg.use_dora, rslora=cfg.use_rslora, dropout=cfg.dropout,
-                       dtype=cfg.dtype, path=path)
+    k = jax.random.fold_in(key, paths.path_seed(path))
+    out[path] = L.init(k, _init_value(w, cfg), rank=rank, alpha=alpha, kind=info.kind,
+                       in_axes=info.in_axes, out_axes=info.out_axes, stack=info.stack,
+                       init=cfg.init, use_dora=cfg.use_dora, rslora=cfg.use_rslora,
+                       dropout=cfg.dropout, dtype=cfg.dtype, path=path)
+  if not out and skipped:
+    raise AdapterError(f"LoraConfig.targets={cfg.targets!r} selects only weights LoRA cannot "
+                       f"adapt: {'; '.join(skipped[:3])}")
   if not out:
     some = ", ".join(list(flat)[:6])
-    raise ValueError(f"LoraConfig.targets={cfg.targets!r} matches no weight of the params tree "
+    raise AdapterError(f"LoraConfig.targets={cfg.targets!r} matches no weight of the params tree "
                      f"(paths look like: {some}{', ...' if len(flat) > 6 else ''})")
   adapter = paths.unflatten(out)
   if return_base:
@@ -93,21 +109,23 @@ def init_adapter(key: jax.Array, params: Any, cfg: LoraConfig, *,
   return adapter
 
 
+def _init_value(w, cfg: LoraConfig):
+  """What the init reads of a weight: its values for PiSSA and DoRA, else only its shape
+  (a quantized weight is dequantized only when its values are read)."""
+  if isinstance(w, QArray):
+    return w.dequantize() if (cfg.use_dora or cfg.init == "pissa") else \
+        jax.ShapeDtypeStruct(w.shape, w.dtype)
+  return w
+
+
 def _guess_layer(path: str, shape: tuple[int, ...]) -> L.LayerInfo:
   leaf = path.rpartition(paths.SEP)[2]
   if len(shape) != 2:
-    raise ValueError(
+    raise AdapterError(
         f"weight at {path!r} has shape {list(shape)}: which of its axes are inputs and outputs "
         "(a scanned layer stack, DenseGeneral, Einsum or Conv) cannot be told from the shape; "
         "pass model= and args= to jlora.init_adapter so jlora can trace how the layer uses it")
   return L.LayerInfo("embed" if leaf == "embedding" else "dense", (0,), (1,), 0)
-
-
-def _path_hash(path: str) -> int:
-  h = 0
-  for ch in path.encode():
-    h = (h * 131 + ch) % (2**31 - 1)
-  return h
 
 
 def _pair(params: Any, adapter: Any, what: str) -> tuple[dict[str, L.LoRA], dict[str, Any]]:
@@ -269,7 +287,7 @@ def combine(adapters, weights=None, method: str = "cat", *, rank: int | None = N
       out[path] = C.linear(los, weights)
     else:
       r = _combine_rank(los, rank, path)
-      k = None if key is None else jax.random.fold_in(key, _path_hash(path))
+      k = None if key is None else jax.random.fold_in(key, paths.path_seed(path))
       out[path] = C.recompress(los, weights, method, r, density=density, key=k,
                                majority_sign_method=majority_sign_method)
   return paths.unflatten(out)

@@ -168,7 +168,7 @@ def _meta(lo: L.LoRA, rank: int, a: jax.Array, b: jax.Array) -> L.LoRA:
   a = a.reshape(lo.stack_dims + lo.in_dims + (rank,)).astype(lo.a.dtype)
   b = b.reshape(lo.stack_dims + (rank,) + lo.out_dims).astype(lo.b.dtype)
   return L.LoRA(a=a, b=b, magnitude=None, alpha=float(rank), rank=rank, in_axes=lo.in_axes,
-                out_axes=lo.out_axes, stack=lo.stack, kind=lo.kind, rslora=False,
+                out_axes=lo.out_axes, kind=lo.kind, rslora=False,
                 dropout=lo.dropout)
 
 

@@ -16,7 +16,18 @@ import jax.numpy as jnp
 from jlora import paths
 
 ALL_LINEAR = "all-linear"
-"""``targets=ALL_LINEAR`` adapts every Dense-like kernel except the output head."""
+"""``targets=ALL_LINEAR`` (the default) adapts every weight used as the matrix
+operand of a matmul, except output heads and embedding tables.
+
+With ``init_adapter(..., model=, args=)`` that is every weight the traced
+function multiplies (``nn.Dense``, ``DenseGeneral``, ``Einsum``, ``x @ w``,
+``jnp.einsum`` in your own code, fused ``qkv`` projections...), but not one
+whose module or name is a head (``lm_head``, ``head``, ``output``,
+``classifier``, ``logits``) and not one looked up as an embedding (a tied
+embedding is looked up, so it is skipped too). Without a model it is every
+``kernel`` leaf, read as ``[in, out]``; a kernel of more than two axes then
+raises, asking for ``model=`` and ``args=``.
+"""
 
 INITS = ("default", "gaussian", "pissa", "zeros")
 ADAPTABLE_NAMES = ("kernel", "embedding")
@@ -39,12 +50,15 @@ class LoraConfig:
     alpha: scaling numerator; ``scale = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
     targets: which weights to adapt. A string is a regular expression that must
       match the whole module path (``"a/q_proj"``) or parameter path
-      (``"a/q_proj/kernel"``); a sequence of names matches a module whose path
-      equals a name or ends with ``"/" + name`` (PEFT's list semantics);
-      :data:`ALL_LINEAR` adapts every Dense-like kernel but the output head.
-      Only ``kernel`` and ``embedding`` leaves of two or more axes are adapted
-      unless a regex names another leaf's full parameter path explicitly;
-      1-D leaves (biases, norm scales) never are.
+      (``"a/q_proj/kernel"``); a sequence of names matches a weight whose
+      module path or parameter path equals a name or ends with ``"/" + name``
+      (PEFT's list semantics); :data:`ALL_LINEAR` (the default) adapts every
+      weight used as a matmul operand but heads and embeddings. When
+      ``init_adapter`` traces the model (``model=``), any leaf of two or more
+      axes the function multiplies, convolves with or looks up in can be a
+      target; untraced, only ``kernel`` and ``embedding`` leaves (and leaves
+      a regex names by their full path). 1-D leaves (biases, norm scales)
+      never are.
     exclude: optional regex (full match on module or parameter path) or names,
       removed from the targets.
     dropout: dropout rate on the LoRA input during training.
@@ -127,14 +141,19 @@ class LoraConfig:
   def matches(self, param_path: str, ndim: int, kind: str | None = None) -> bool:
     """Whether the leaf at ``param_path`` (with ``ndim`` axes) is a target.
 
-    ``kind`` is the layer kind learnt by tracing ("dense", "embed", "conv",
-    "einsum") or None when unknown; :data:`ALL_LINEAR` needs "dense"/"einsum"
-    (or, with no trace, a 2-D ``kernel``).
+    ``kind`` is how a traced function uses the leaf ("dense": a matmul
+    operand, "conv", "embed", or "none": none of these) or None when the
+    function was not traced. Untraced, only ``kernel`` and ``embedding``
+    leaves are candidates, unless a regex names another leaf's full path;
+    traced, every leaf of two or more axes is (and a target that selects a
+    "none" leaf is an error, raised by ``init_adapter``).
 
     Example:
       >>> cfg = LoraConfig(targets=["q_proj"])
       >>> cfg.matches("attn/q_proj/kernel", 2), cfg.matches("attn/q_proj/bias", 1)
       (True, False)
+      >>> cfg.matches("attn/q_proj/w", 3, kind="dense")     # a weight read by einsum
+      True
     """
     if ndim < 2:
       return False
@@ -142,23 +161,43 @@ class LoraConfig:
     if self.exclude is not None and _match(self.exclude, mod, param_path):
       return False
     if self.targets == ALL_LINEAR:
-      if leaf != "kernel" or mod.rpartition(paths.SEP)[2] in HEAD_NAMES:
+      if mod.rpartition(paths.SEP)[2] in HEAD_NAMES or leaf in HEAD_NAMES:
         return False
-      return kind in ("dense", "einsum") if kind is not None else ndim == 2
+      return kind == "dense" if kind is not None else leaf == "kernel"
     if isinstance(self.targets, str):
       rx = re.compile(self.targets)
-      if leaf in ADAPTABLE_NAMES:
+      if kind is not None or leaf in ADAPTABLE_NAMES:
         return bool(rx.fullmatch(mod) or rx.fullmatch(param_path))
-      # another leaf is adapted only when its full parameter path is named.
+      # untraced, another leaf is adapted only when its full parameter path is named.
       return bool(rx.fullmatch(param_path)) and not rx.fullmatch(mod)
-    return leaf in ADAPTABLE_NAMES and _match(self.targets, mod, param_path)
+    return (kind is not None or leaf in ADAPTABLE_NAMES) and _match(self.targets, mod, param_path)
+
+
+def names_leaf(spec, param_path: str) -> bool:
+  """Whether ``spec`` (a regex or names) selects the leaf at ``param_path`` by its own
+  name or path rather than through its module.
+
+  Example:
+    >>> names_leaf(r".*bias", "heads/bias"), names_leaf(".*", "heads/bias")
+    (True, False)
+  """
+  mod = param_path.rpartition(paths.SEP)[0]
+  if spec == ALL_LINEAR:
+    return False
+  if isinstance(spec, str):
+    rx = re.compile(spec)
+    return bool(rx.fullmatch(param_path)) and not rx.fullmatch(mod)
+  return _match(spec, "\0", param_path) and not _match(spec, mod, "\0")
 
 
 def _match(spec, mod: str, param_path: str) -> bool:
+  """A regex: full match on the module or parameter path. Names (PEFT's list
+  semantics): the module path or the parameter path equals a name or ends
+  with ``"/" + name``."""
   if isinstance(spec, str):
     rx = re.compile(spec)
     return bool(rx.fullmatch(mod) or rx.fullmatch(param_path))
-  return any(mod == n or mod.endswith(paths.SEP + n) for n in spec)
+  return any(p == n or p.endswith(paths.SEP + n) for n in spec for p in (mod, param_path))
 
 
 def scale_of(rank: int, alpha: float, use_rslora: bool) -> float:

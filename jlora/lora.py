@@ -34,33 +34,51 @@ class LoRA:
 
   A registered pytree whose children are ``a``, ``b`` and ``magnitude`` (None
   unless DoRA); everything else is static, so swapping one adapter for
-  another of the same shapes does not recompile.
+  another of the same shapes does not recompile. What the arrays already say
+  is not repeated: the rank is ``a.shape[-1]`` and the number of stacked
+  layer axes is ``a.ndim - 1 - len(in_axes)``.
 
   Attributes:
     a: ``[*stack, *in_dims, r]``.
     b: ``[*stack, r, *out_dims]``.
     magnitude: DoRA magnitude ``[*stack, *out_dims]`` or None.
     alpha: scaling numerator.
-    rank: the rank the scale is computed from (``a.shape[-1]`` unless padded).
+    rank: the rank the scale is computed from; None (the default) means
+      ``a.shape[-1]``. Only a rank-padded adapter (an ``AdapterBank`` slot)
+      sets it.
     in_axes / out_axes: axes of the per-layer base kernel grouped as input /
       output (together a permutation of ``range(kernel.ndim)``).
-    stack: number of leading stacked-layer axes.
-    kind: "dense", "einsum", "embed" or "conv" (how the layer uses W).
+    kind: "dense" (used as a matmul operand), "embed" (looked up) or "conv"
+      (a convolution kernel): how the function uses W ("einsum" is read as
+      "dense").
     rslora: scale ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
     dropout: dropout rate on the LoRA input while training.
+
+  Example:
+    >>> lo = LoRA(a=jnp.ones((16, 4)), b=jnp.zeros((4, 8)), alpha=8.0)
+    >>> lo.rank, lo.stack, lo.scale
+    (4, 0, 2.0)
   """
   a: jax.Array
   b: jax.Array
   magnitude: jax.Array | None = None
   _jlora_node = True  # a leaf for jlora's tree functions (see paths.is_node)
   alpha: float = dataclasses.field(default=1.0, metadata=dict(static=True))
-  rank: int = dataclasses.field(default=1, metadata=dict(static=True))
+  rank: int | None = dataclasses.field(default=None, metadata=dict(static=True))
   in_axes: tuple[int, ...] = dataclasses.field(default=(0,), metadata=dict(static=True))
   out_axes: tuple[int, ...] = dataclasses.field(default=(1,), metadata=dict(static=True))
-  stack: int = dataclasses.field(default=0, metadata=dict(static=True))
   kind: str = dataclasses.field(default="dense", metadata=dict(static=True))
   rslora: bool = dataclasses.field(default=False, metadata=dict(static=True))
   dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+
+  def __post_init__(self):
+    if self.rank is None and hasattr(self.a, "shape") and len(self.a.shape):
+      object.__setattr__(self, "rank", int(self.a.shape[-1]))
+
+  @property
+  def stack(self) -> int:
+    """Number of leading stacked-layer axes (``a.ndim - 1 - len(in_axes)``)."""
+    return len(self.a.shape) - 1 - len(self.in_axes)
 
   @property
   def scale(self) -> float:
@@ -191,11 +209,11 @@ def init(key: jax.Array, weight: jax.Array, *, rank: int, alpha: float, kind: st
     raise ValueError(f"{path}: rank {rank} is larger than the weight allows: kernel "
                      f"{list(shape[stack:])} is a [{n_in}, {n_out}] matrix (in × out)")
   node = LoRA(a=None, b=None, alpha=float(alpha), rank=rank, in_axes=in_axes,
-              out_axes=out_axes, stack=stack, kind=kind, rslora=rslora, dropout=dropout)
+              out_axes=out_axes, kind=kind, rslora=rslora, dropout=dropout)
   ka, kb = jax.random.split(key)
   a_shape, b_shape = lead + in_dims + (rank,), lead + (rank,) + out_dims
   if init == "pissa":
-    a, b = _pissa(as_matrix(weight, node), rank, node.scale)
+    a, b = _pissa(as_matrix(weight, node, stack), rank, node.scale)
     a, b = a.reshape(a_shape).astype(dtype), b.reshape(b_shape).astype(dtype)
   elif init == "zeros":
     a, b = jnp.zeros(a_shape, dtype), jnp.zeros(b_shape, dtype)
@@ -226,8 +244,10 @@ def _pissa(w2: jax.Array, rank: int, scale: float):
   return a, b
 
 
-def as_matrix(weight: jax.Array, lora: LoRA) -> jax.Array:
+def as_matrix(weight: jax.Array, lora: LoRA, stack: int | None = None) -> jax.Array:
   """``weight [*stack, *kernel]`` as ``[*stack, ∏in_dims, ∏out_dims]``.
+
+  ``stack`` defaults to ``lora.stack`` (give it when ``lora`` has no arrays yet).
 
   Example:
     >>> w = jnp.zeros((4, 2, 3))   # DenseGeneral [in, heads, head_dim]
@@ -235,7 +255,7 @@ def as_matrix(weight: jax.Array, lora: LoRA) -> jax.Array:
     >>> as_matrix(w, lo).shape
     (4, 6)
   """
-  s = lora.stack
+  s = lora.stack if stack is None else stack
   perm = tuple(range(s)) + tuple(s + i for i in lora.in_axes + lora.out_axes)
   w = jnp.transpose(weight, perm)
   n_in = math.prod(_dims(weight.shape, lora.in_axes, s))

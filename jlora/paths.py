@@ -92,3 +92,16 @@ def module_path(param_path: str) -> str:
     'layers_0/attn/q_proj'
   """
   return param_path.rpartition(SEP)[0]
+
+
+def path_seed(path: str) -> int:
+  """A stable 31-bit integer for ``path`` (to fold into a PRNG key per weight).
+
+  Example:
+    >>> path_seed("a/b") == path_seed("a/b") != path_seed("a/c")
+    True
+  """
+  h = 0
+  for ch in path.encode():
+    h = (h * 131 + ch) % (2**31 - 1)
+  return h

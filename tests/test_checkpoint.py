@@ -30,7 +30,7 @@ def _normal(rng, shape, dtype=np.float32):
 def _adapter(rng):
   """Stacked bf16, DoRA, einsum and embed LoRA nodes; no square matrices."""
   stacked = LoRA(a=_normal(rng, (3, 16, 4), jnp.bfloat16), b=_normal(rng, (3, 4, 24), jnp.bfloat16),
-                 alpha=8, rank=4, stack=1, rslora=True, dropout=0.05)
+                 alpha=8, rank=4, rslora=True, dropout=0.05)
   dora = LoRA(a=_normal(rng, (16, 2)), b=_normal(rng, (2, 24)), magnitude=_normal(rng, (24,)),
               alpha=16.0, rank=2)
   einsum = LoRA(a=_normal(rng, (6, 5, 2)), b=_normal(rng, (2, 7)), alpha=4.0, rank=2,

@@ -75,7 +75,7 @@ def init_params(model, *args, rng, scale=0.3):
 
 def traced_layers(model, params, *args):
   """``{path: LayerInfo}`` learnt by tracing the model (no FLOPs)."""
-  rec = jlora.flax.trace.learn_layers(model, params, args)
+  rec = jlora.flax.learn_layers(model, params, args)
   return {p: v for p, v in rec.items() if isinstance(v, jlora.lora.LayerInfo)}
 
 
@@ -93,7 +93,7 @@ def make_adapter(params, layers, rng, *, rank=2, alpha=3.0, dora=False, dropout=
     b = jnp.asarray(rng.normal(size=st + (rank,) + outs) * scale, jnp.float32)
     m = jnp.asarray(rng.uniform(0.5, 2.0, size=st + outs), jnp.float32) if dora else None
     out[p] = jlora.LoRA(a=a, b=b, magnitude=m, alpha=alpha, rank=rank, in_axes=info.in_axes,
-                        out_axes=info.out_axes, stack=info.stack, kind=info.kind,
+                        out_axes=info.out_axes, kind=info.kind,
                         dropout=dropout)
   return paths.unflatten(out)
 

@@ -50,7 +50,7 @@ def test_scanned_and_vmapped_stacks_get_a_leading_layer_axis(rng):
   los = abstract_adapter(p, jlora.LoraConfig(rank=2, targets=".*"), m, (x,))
   assert {k: (lo.kind, lo.stack, lo.a.shape, lo.b.shape) for k, lo in los.items()} == {
       "layers/up/kernel": ("dense", 1, (3, 5, 2), (3, 2, 7)),
-      "layers/down/kernel": ("einsum", 1, (3, 7, 2), (3, 2, 5)),
+      "layers/down/kernel": ("dense", 1, (3, 7, 2), (3, 2, 5)),
       "heads/kernel": ("dense", 1, (2, 5, 2), (2, 2, 4)),
   }
 
@@ -65,16 +65,19 @@ class Mixed(nn.Module):
     return nn.Conv(3, (2,), feature_group_count=1, name="conv")(x.reshape(x.shape[:2] + (10,)))
 
 
-def test_all_linear_and_unadaptable_layers():
+def test_all_linear_and_a_per_head_einsum():
+  """ALL_LINEAR: every weight used as a matmul operand, no Embed, no Conv. An
+  einsum axis shared by input and output (the heads of "bthk,hke->bthe") is a
+  batch axis of the matmul: each head gets its own LoRA (a stacked axis)."""
   m = Mixed()
   ids = jax.ShapeDtypeStruct((2, 3), jnp.int32)
   p = jax.eval_shape(lambda ids: m.init(jax.random.key(0), ids)["params"], ids)
-  with pytest.raises(ValueError, match="per_head.*shared by input and output"):
-    abstract_adapter(p, jlora.LoraConfig(rank=2, targets=jlora.ALL_LINEAR), m, (ids,))
-  cfg = jlora.LoraConfig(rank=2, targets=jlora.ALL_LINEAR, exclude=["per_head"])
-  los = abstract_adapter(p, cfg, m, (ids,))
-  assert sorted(los) == ["attn/kernel", "q_proj/kernel"]   # no Embed, no Conv
-  assert (los["attn/kernel"].kind, los["attn/kernel"].out_axes) == ("einsum", (1, 2))
+  los = abstract_adapter(p, jlora.LoraConfig(rank=2, targets=jlora.ALL_LINEAR), m, (ids,))
+  assert sorted(los) == ["attn/kernel", "per_head/kernel", "q_proj/kernel"]
+  assert (los["attn/kernel"].kind, los["attn/kernel"].out_axes) == ("dense", (1, 2))
+  ph = los["per_head/kernel"]
+  assert (ph.stack, ph.in_axes, ph.out_axes, ph.a.shape, ph.b.shape) == (
+      1, (0,), (1,), (2, 3, 2), (2, 2, 5))
   los = abstract_adapter(p, jlora.LoraConfig(rank=2, targets=["embed", "conv"]), m, (ids,))
   assert {k: lo.kind for k, lo in los.items()} == {"embed/embedding": "embed",
                                                    "conv/kernel": "conv"}
@@ -111,7 +114,7 @@ def test_einsum_with_an_ellipsis(rng):
   p = init_params(m, x, rng=rng)
   los = abstract_adapter(p, jlora.LoraConfig(rank=2, targets=".*"), m, (x,))
   assert (los["kernel"].kind, los["kernel"].in_axes, los["kernel"].out_axes) == (
-      "einsum", (0,), (1,))
+      "dense", (0,), (1,))
   ad = {"kernel": los["kernel"].replace(a=jnp.asarray(rng.normal(size=(4, 2)), jnp.float32),
                                         b=jnp.asarray(rng.normal(size=(2, 3)), jnp.float32))}
   got = jax.jit(lambda p, ad: jlora.apply(m, {"params": p}, ad, x))(p, ad)

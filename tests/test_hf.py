@@ -268,7 +268,7 @@ def test_quantize_while_loading(checkpoints, ids, tmp_path):
   deq = jlora.dequantize(qparams)
   q_proj = deq["layers"]["self_attn"]["q_proj"]["kernel"]         # [2, 32, 32]
   lora = jlora.LoRA(a=0.1 * jnp.ones((2, 32, 2)), b=0.1 * jnp.ones((2, 2, 32)), alpha=2.0,
-                    rank=2, stack=1)
+                    rank=2)
   adapter = {"layers": {"self_attn": {"q_proj": {"kernel": lora}}}}
   assert q_proj.shape == lora.kernel_shape
   ours = jax.jit(lambda p, a: jlora.apply(model, {"params": p}, a, ids))(qparams, adapter)

@@ -272,7 +272,7 @@ def _lora_adapter(params, pattern, rng, rank=4):
       a = 0.3 * rng.standard_normal((n, d_in, rank)) / math.sqrt(d_in)
       b = 0.3 * rng.standard_normal((n, rank, d_out))
       out[path] = LoRA(a=jnp.asarray(a, jnp.float32), b=jnp.asarray(b, jnp.float32),
-                       alpha=8.0, rank=rank, stack=1)
+                       alpha=8.0, rank=rank)
   return paths.unflatten(out)
 
 

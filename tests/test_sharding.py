@@ -102,7 +102,7 @@ def _lora(rng, kernel_shape, in_axes, out_axes, stack=0, rank=4, dora=False):
   arr = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
   mag = arr(*lead, *outs) if dora else None
   return L.LoRA(a=arr(*lead, *ins, rank), b=arr(*lead, rank, *outs), magnitude=mag,
-                alpha=8.0, rank=rank, in_axes=in_axes, out_axes=out_axes, stack=stack)
+                alpha=8.0, rank=rank, in_axes=in_axes, out_axes=out_axes)
 
 
 @pytest.mark.parametrize("shape,spec,in_axes,out_axes,stack,want_a,want_b,want_m", [

@@ -1,326 +1,254 @@
-"""Running ``flax.nnx`` models with adapters, by module surgery on a copy.
+"""``flax.nnx`` models with adapters: a functional form and a stateful one.
 
-:func:`with_adapter` returns a new model (the user's model is not touched:
-its graph is split and merged into a copy) in which each adapted layer is
-wrapped by a :class:`LoRALayer` holding the layer and a :class:`LoRAParam`
-(flax's ``nnx.LoRAParam``) with the :class:`~jlora.lora.LoRA` node. Train that
-state alone (``nnx.Optimizer(model, tx, wrt=LoRAParam)``, ``nnx.DiffState``)
-and read it back with :func:`adapter_of`. :func:`apply` is the functional
-form behind ``jlora.apply``: copy, wrap, call.
+Both go through ``nnx.split`` / ``nnx.merge`` and the same transformation as
+every other model (:func:`jlora.transform.adapt`); no layer is wrapped or
+replaced. The model's own state other than its parameters (RNG counters,
+batch statistics, caches) goes in and comes back out:
 
-Inside the wrapped model the base weight's state path gains a ``base`` step
-(``layers/q/kernel`` becomes ``layers/q/base/kernel``); adapters and
-:func:`adapter_of` always use the original paths.
+- :func:`apply` (``jlora.apply`` for NNX) runs ``model(*args)`` with the
+  adapter and writes the state changes back into ``model``, as calling the
+  model does; ``mutable=True`` returns them instead (for ``jax.jit``).
+- :func:`with_adapter` returns an ``nnx.Module`` holding the model and the
+  adapter as :class:`LoRAParam` variables, for ``nnx.Optimizer(...,
+  wrt=LoRAParam)``, ``nnx.jit`` and ``nnx.grad``; :func:`adapter_of` reads the
+  adapter back.
+
+Adapters use the paths of ``nnx.state(model)`` (``"up_proj/kernel"``).
 """
 from __future__ import annotations
 
-import contextlib
-import threading
 from typing import Any
 
-import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jlora import lora as L
 from jlora import paths
-from jlora.flax import layers
+from jlora.errors import AdapterError
+from jlora.transform import adapt
 
 LoRAParam = nnx.LoRAParam
 
-SUPPORTED: dict[type, tuple[str, str]] = {
-    nnx.Linear: ("kernel", "dense"),
-    nnx.LinearGeneral: ("kernel", "dense"),
-    nnx.Einsum: ("kernel", "einsum"),
-    nnx.Conv: ("kernel", "conv"),
-    nnx.Embed: ("embedding", "embed"),
-}
 
-
-class LoRARng(nnx.Variable):
-  """PRNG keys for LoRA dropout, one per stacked layer (``[*stack]``)."""
-
-
-_active = threading.local()
-
-
-def _supported(module) -> type | None:
-  for cls in SUPPORTED:
-    if isinstance(module, cls) and type(module).__call__ is cls.__call__:
-      return cls
-  return None
-
-
-class LoRALayer(nnx.Module):
-  """A standard NNX layer with its adapter: ``base(x) + scale · (x·a)·b``.
-
-  Attributes:
-    base: the wrapped layer (``nnx.Linear``, ``LinearGeneral``, ``Einsum``,
-      ``Conv`` or ``Embed``), unchanged; its weight may be a ``QArray``.
-    lora: a :class:`LoRAParam` holding the LoRA node, or None.
-    rng: a :class:`LoRARng` of dropout keys, or None (no dropout).
-    path: the weight's path in the original model (static).
-  """
-
-  def __init__(self, base: nnx.Module, lora: L.LoRA | None, path: str, keys=None):
-    self.base = base
-    self.lora = LoRAParam(lora) if lora is not None else None
-    self.rng = LoRARng(keys) if keys is not None else None
-    self.path = path
-
-  def __call__(self, *args, **kwargs):
-    return self._run("__call__", args, kwargs)
-
-  def attend(self, query):
-    """``Embed.attend`` with the adapter."""
-    return self._run("attend", (query,), {})
-
-  def _run(self, method, args, kwargs):
-    seen = getattr(_active, "seen", None)
-    if seen is not None:
-      seen.add(self.path)
-    cls = _supported(self.base)
-    weight = getattr(self.base, SUPPORTED[cls][0]).get_value()
-    call = _call(self.base, cls, method, weight, self.path, args, kwargs)
-    lora = self.lora.get_value() if self.lora is not None else None
-    key = None
-    if self.rng is not None:
-      key = self.rng.get_value()
-      key = key.reshape(-1)[0] if key.ndim else key
-    return layers.forward(call, lora, weight, key)
-
-
-def _base_fn(base, method, name, weight, rest, kwargs):
-  if not layers.is_quantized(weight):
-    return lambda x: getattr(base, method)(x, *rest, **kwargs)
-  graphdef, state = nnx.split(base)
-
-  def run(q, x):   # dequantized inside the checkpoint: recomputed, never stored
-    st = paths.map_with_path(lambda p, v: q.dequantize() if p == name else v, state)
-    return getattr(nnx.merge(graphdef, st), method)(x, *rest, **kwargs)
-  deq = jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)
-  return lambda x: deq(weight, x)
-
-
-def _call(base, cls, method, weight, path, args, kwargs) -> layers.LayerCall:
-  x, rest = args[0], args[1:]
-  common = dict(x=x, base=_base_fn(base, method, SUPPORTED[cls][0], weight, rest, kwargs),
-                path=path, dtype=getattr(base, "dtype", None),
-                precision=getattr(base, "precision", None), layer_kind=SUPPORTED[cls][1])
-  if cls is nnx.Embed:
-    return layers.LayerCall(kind="attend" if method == "attend" else "embed", **common)
-  bias = base.bias.get_value() if base.bias is not None else None
-  if cls is nnx.Linear:
-    return layers.LayerCall(kind="dense", spec=layers.dense_spec(x.ndim), bias=bias, **common)
-  if cls is nnx.LinearGeneral:
-    spec = layers.dense_general_spec(x.ndim, base.axis, len(base.out_features),
-                                     tuple(base.batch_axis), path)
-    return layers.LayerCall(kind="dense", spec=spec, bias=bias, **common)
-  if cls is nnx.Einsum:
-    eq = (rest[0] if rest else None) or kwargs.get("einsum_str") or base.einsum_str
-    spec = layers.einsum_spec(eq, x.ndim, weight.ndim, path)
-    return layers.LayerCall(kind="dense", spec=spec, bias=bias, **common)
-  return layers.LayerCall(kind="conv", conv_r=_conv_r(base, path), bias=bias, **common)
-
-
-def _conv_problem(base) -> str | None:
-  if base.feature_group_count != 1:
-    return f"a grouped convolution (feature_group_count={base.feature_group_count})"
-  if base.mask is not None:
-    return "a masked convolution"
-  return None
-
-
-def _conv_r(base, path):
-  problem = _conv_problem(base)
-  if problem:
-    raise ValueError(f"{path}: {problem} cannot take a LoRA; exclude the layer")
-
-  def conv_r(x, a):   # the same convolution to r channels (flax's Linen Conv, same options)
-    conv = nn.Conv(features=a.shape[-1], kernel_size=tuple(base.kernel_size),
-                   strides=base.strides, padding=base.padding,
-                   input_dilation=base.input_dilation, kernel_dilation=base.kernel_dilation,
-                   use_bias=False, dtype=a.dtype, precision=base.precision)
-    return conv.apply({"params": {"kernel": a}}, x)
-  return conv_r
-
-
-def _overlay(full: Any, state: Any) -> Any:
-  given = paths.flatten(state)
-  known = paths.flatten(full)
-  unknown = sorted(set(given) - set(known))
+def _overlay(full: Any, given: Any) -> Any:
+  flat = paths.flatten(given)
+  known = set(paths.flatten(full))
+  unknown = sorted(set(flat) - known)
   if unknown:
-    raise ValueError(f"state paths {unknown[:4]} are not in the model (it has e.g. "
-                     f"{list(known)[:4]})")
-  return paths.map_with_path(lambda p, v: given.get(p, v), full)
+    raise AdapterError(f"state paths {unknown[:4]} are not in the model (it has e.g. "
+                       f"{sorted(known)[:4]})")
+  return paths.map_with_path(lambda p, v: flat.get(p, v), full)
 
 
-def _find(root, module_path: str):
-  obj = root
-  for part in module_path.split(paths.SEP) if module_path else ():
-    obj = obj[int(part)] if isinstance(obj, (nnx.List, list, tuple)) else (
-        obj[part] if isinstance(obj, (nnx.Dict, dict)) else getattr(obj, part))
-  return obj
+def pure(model: nnx.Module, state: Any = None):
+  """``(fn, params, rest)`` for an NNX model, with ``fn(params, rest, *args, **kwargs)
+  -> (out, new_rest)`` a pure function.
+
+  ``params`` is the model's ``nnx.Param`` state with ``state``'s values laid
+  over it (e.g. quantized weights); ``rest`` is everything else (RNG keys
+  and counters, batch statistics) and ``new_rest`` its value after the call.
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if state is not None:
+    given = paths.flatten(state)
+    in_params = {p: v for p, v in given.items() if p in set(paths.flatten(params))}
+    params = _overlay(params, paths.unflatten(in_params)) if in_params else params
+    others = {p: v for p, v in given.items() if p not in in_params}
+    rest = _overlay(rest, paths.unflatten(others)) if others else rest
+
+  def fn(p, r, *args, **kwargs):
+    m = nnx.merge(graphdef, p, r)
+    out = m(*args, **kwargs)
+    return out, nnx.state(m, nnx.Not(nnx.Param))
+  return fn, params, rest
 
 
-def _replace(root, old, new) -> None:
-  refs = [(m, name) for _, m in nnx.iter_modules(root) if not isinstance(m, LoRALayer)
-          for name, child in nnx.iter_children(m) if child is old]
-  for m, name in refs:
-    if isinstance(m, nnx.List):
-      m[int(name)] = new
-    elif isinstance(m, nnx.Dict):
-      m[name] = new
-    else:
-      setattr(m, name, new)
+def apply(model: nnx.Module, state: Any, adapter: Any, *args, dropout_rng=None,
+          mutable: bool = False, **kwargs):
+  """``model(*args, **kwargs)`` with ``adapter``; ``jlora.apply`` for NNX models.
 
+  Args:
+    model: the ``nnx.Module`` (not changed, except for its own non-parameter
+      state, as a call changes it).
+    state: an ``nnx.State`` (or nested dict) of values to use instead of the
+      model's (a quantized or merged parameter state), or None.
+    adapter: the adapter tree (paths of ``nnx.state(model)``) or None.
+    *args, **kwargs: the model's call arguments (``rngs=`` included).
+    dropout_rng: a PRNG key for LoRA dropout.
+    mutable: return ``(out, new_state)`` (the non-parameter state after the
+      call) instead of writing it into ``model``; use it inside ``jax.jit``.
 
-def _dropout_keys(rngs, lora: L.LoRA, path: str):
-  if rngs is None or lora is None or lora.dropout == 0.0:
-    return None
-  key = rngs["dropout"] if isinstance(rngs, dict) else rngs
-  key = jax.random.fold_in(key, _path_seed(path))
-  stack = lora.stack_dims
-  return jax.random.split(key, max(1, int(_prod(stack)))).reshape(stack) if stack else key
+  Returns:
+    The model's output, or ``(output, new_state)`` with ``mutable``.
 
-
-def _prod(xs):
-  out = 1
-  for v in xs:
-    out *= v
+  Example:
+    >>> import jlora
+    >>> model = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
+    >>> ad = jlora.init_adapter(jax.random.key(1), nnx.state(model, nnx.Param),
+    ...                         jlora.LoraConfig(rank=2, targets=".*"))
+    >>> apply(model, None, ad, jnp.ones((2, 16))).shape
+    (2, 8)
+  """
+  fn, params, rest = pure(model, state)
+  out, new_rest = adapt(fn, params, adapter, dropout_rng=dropout_rng)(rest, *args, **kwargs)
+  if mutable:
+    return out, new_rest
+  old = paths.flatten(rest)
+  changed = {p: v for p, v in paths.flatten(new_rest).items() if v is not old.get(p)}
+  if changed:
+    if any(isinstance(v, jax.core.Tracer) for v in changed.values()) and not any(
+        isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(rest)):
+      raise AdapterError(
+          f"jlora.apply: the call changed the model's state at {sorted(changed)[:3]} (RNG "
+          "counters, batch statistics) inside a JAX transformation that does not own the "
+          "model; use nnx.jit / nnx.grad with the model as an argument, or mutable=True and "
+          "keep the returned state")
+    nnx.update(model, paths.unflatten(changed) if not isinstance(new_rest, nnx.State)
+               else _subset(new_rest, changed))
   return out
 
 
-def _path_seed(path: str) -> int:
-  return sum((i + 1) * ord(c) for i, c in enumerate(path)) % (2**31 - 1)
+def _subset(state: nnx.State, changed: dict) -> nnx.State:
+  flat = nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else None
+  if flat is None:
+    return state
+  keep = [(k, v) for k, v in flat if paths.SEP.join(map(str, k)) in changed]
+  return nnx.from_flat_state(keep)
 
 
-def with_adapter(model: nnx.Module, adapter: Any, *, state: Any = None, rngs=None) -> nnx.Module:
-  """A copy of ``model`` whose adapted layers run with ``adapter`` (the model is unchanged).
+class _Factors(nnx.Module):
+  """One weight's LoRA factors as :class:`LoRAParam` variables (its metadata static)."""
+
+  def __init__(self, lora: L.LoRA):
+    self.a = LoRAParam(lora.a)
+    self.b = LoRAParam(lora.b)
+    self.magnitude = None if lora.magnitude is None else LoRAParam(lora.magnitude)
+    self.meta = lora.replace(a=None, b=None, magnitude=None)
+
+  def lora(self) -> L.LoRA:
+    mag = None if self.magnitude is None else self.magnitude.get_value()
+    return self.meta.replace(a=self.a.get_value(), b=self.b.get_value(), magnitude=mag)
+
+
+class LoRAModel(nnx.Module):
+  """An NNX model and its adapter, trained as one stateful module.
+
+  Attributes:
+    model: the base model (a structural copy of the one given; the arrays
+      are shared, not copied).
+    factors: one :class:`_Factors` per adapted weight, in ``paths`` order.
+    paths: the adapted weights' paths in the model's state (static).
+    rngs: an ``nnx.Rngs`` with a ``lora_dropout`` stream, or None.
+  """
+
+  def __init__(self, model: nnx.Module, adapter: Any, *, state: Any = None, dropout_rng=None):
+    from jlora.adapter import loras
+    self.model = nnx.merge(*nnx.split(model))
+    if state is not None:
+      nnx.update(self.model, state)
+    found = loras(adapter)
+    self.paths = tuple(found)
+    self.factors = nnx.List([_Factors(found[p]) for p in self.paths])
+    self.rngs = None if dropout_rng is None else nnx.Rngs(lora_dropout=dropout_rng)
+
+  def adapter(self) -> dict:
+    return paths.unflatten({p: f.lora() for p, f in zip(self.paths, self.factors)})
+
+  def __call__(self, *args, **kwargs):
+    key = None if self.rngs is None else self.rngs.lora_dropout()
+    return apply(self.model, None, self.adapter(), *args, dropout_rng=key, **kwargs)
+
+
+def with_adapter(model: nnx.Module, adapter: Any, *, state: Any = None,
+                 dropout_rng=None) -> LoRAModel:
+  """The stateful form: ``model`` and ``adapter`` in one :class:`LoRAModel`.
+
+  Train it with ``nnx.Optimizer(wrapped, tx, wrt=LoRAParam)`` (any optax
+  optimizer) and ``nnx.grad(..., argnums=nnx.DiffState(0, LoRAParam))``;
+  the model's own state (dropout RNGs, batch statistics) advances as it runs.
 
   Args:
-    model: an ``nnx.Module`` built from standard layers.
-    adapter: the adapter tree (paths as in ``nnx.state(model)``) or None.
-    state: optional ``nnx.State`` (or nested dict) overriding some of the
-      model's values, e.g. a quantized or merged params state.
-    rngs: a PRNG key or ``{"dropout": key}`` for LoRA dropout; without it there
-      is none.
-
-  Returns:
-    The wrapped copy; its adapter state is of type :class:`LoRAParam`.
+    model: an ``nnx.Module``.
+    adapter: the adapter tree (paths as in ``nnx.state(model)``).
+    state: optional values to lay over the model's (e.g. a quantized state).
+    dropout_rng: a PRNG key seeding LoRA dropout (a new mask every call).
 
   Example:
-    >>> from flax import nnx
-    >>> import jax.numpy as jnp, jlora
+    >>> import jlora, optax
     >>> model = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
-    >>> ad = jlora.init_adapter(jax.random.key(1), nnx.state(model),
+    >>> ad = jlora.init_adapter(jax.random.key(1), nnx.state(model, nnx.Param),
     ...                         jlora.LoraConfig(rank=2, targets=".*"))
     >>> wrapped = with_adapter(model, ad)
+    >>> opt = nnx.Optimizer(wrapped, optax.adamw(1e-3), wrt=LoRAParam)
     >>> wrapped(jnp.ones((2, 16))).shape
     (2, 8)
   """
-  graphdef, full = nnx.split(model)
-  if state is not None:
-    full = _overlay(full, state)
-  targets = layers.adapter_slots(paths.flatten(full), adapter, "the model's state")
-  copy = nnx.merge(graphdef, full, copy=True)
-  for p, lo in targets.items():
-    mod_path, _, leaf = p.rpartition(paths.SEP)
-    owner = _find(copy, mod_path)
-    cls = _supported(owner)
-    if cls is None or SUPPORTED[cls][0] != leaf:
-      raise ValueError(f"{p!r} belongs to a {type(owner).__name__}, not a supported layer "
-                       "(nnx.Linear, LinearGeneral, Einsum, Conv, Embed)")
-    wrapper = LoRALayer(owner, lo, p, _dropout_keys(rngs, lo, p))
-    if owner is copy:
-      copy = wrapper
-    else:
-      _replace(copy, owner, wrapper)
-  return copy
+  return LoRAModel(model, adapter, state=state, dropout_rng=dropout_rng)
 
 
-def adapter_of(model: nnx.Module) -> dict:
-  """The adapter tree held by a model from :func:`with_adapter` (original paths).
+def adapter_of(model: LoRAModel) -> dict:
+  """The adapter tree held by a :class:`LoRAModel` (the model's own paths).
 
   Example:
-    >>> from flax import nnx
     >>> import jlora
     >>> model = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
-    >>> ad = jlora.init_adapter(jax.random.key(1), nnx.state(model),
+    >>> ad = jlora.init_adapter(jax.random.key(1), nnx.state(model, nnx.Param),
     ...                         jlora.LoraConfig(rank=2, targets=".*"))
     >>> adapter_of(with_adapter(model, ad))["kernel"].a.shape
     (16, 2)
   """
-  found = {m.path: m.lora.get_value() for _, m in nnx.iter_modules(model)
-           if isinstance(m, LoRALayer) and m.lora is not None}
-  return paths.unflatten(found)
+  if not isinstance(model, LoRAModel):
+    raise AdapterError(f"adapter_of: expected a jlora LoRAModel (from with_adapter), got "
+                       f"{type(model).__name__}")
+  return model.adapter()
 
 
-@contextlib.contextmanager
-def _seen():
-  prev = getattr(_active, "seen", None)
-  _active.seen = set()
-  try:
-    yield _active.seen
-  finally:
-    _active.seen = prev
+def from_flax_lora(model: nnx.Module) -> tuple[dict, nnx.State]:
+  """Reads the LoRA weights of ``nnx.LoRALinear`` / ``nnx.LoRA`` layers into a jlora adapter.
 
+  flax's LoRA adds ``x @ lora_a @ lora_b`` (scale 1) to its base layer; the
+  adapter holds ``a = lora_a``, ``b = lora_b`` with ``alpha = rank`` at the
+  base ``kernel``'s path. Also returned: the model's state with every flax
+  ``lora_b`` set to zero, so that ``jlora.apply(model, state, adapter, x)``
+  equals ``model(x)`` (the flax LoRA then adds nothing).
 
-def apply(model: nnx.Module, state: Any, adapter: Any, *args, rngs=None, **kwargs):
-  """Calls ``model(*args, **kwargs)`` with ``adapter`` on a wrapped copy (see
-  :func:`with_adapter`); ``jlora.apply`` for NNX models. State updates the
-  model makes while running (batch statistics, rng counters) stay in the copy.
+  Raises:
+    AdapterError: the model has no flax LoRA layer, or one whose base is not
+      an ``nnx.Linear`` kernel (then adapt the model with jlora directly).
+
+  Example:
+    >>> layer = nnx.LoRALinear(4, 6, lora_rank=2, rngs=nnx.Rngs(0))
+    >>> ad, state = from_flax_lora(layer)
+    >>> ad["kernel"].a.shape, ad["kernel"].scale
+    ((4, 2), 1.0)
   """
-  from jlora import adapter as adapter_mod
-  wrapped = with_adapter(model, adapter, state=state, rngs=rngs)
-  with _seen() as seen:
-    out = wrapped(*args, **kwargs)
-  wanted = set(adapter_mod.loras(adapter)) if adapter is not None else set()
-  missing = sorted(wanted - seen)
-  if missing:
-    raise ValueError(f"the adapted weight at {missing} was not used by its layer while the "
-                     "model ran (the layer is not called, or its weight is read directly)")
-  return out
-
-
-def learn_layers(model: nnx.Module, state: Any = None) -> dict[str, Any]:
-  """``{path: LayerInfo | (kind, error)}`` for the standard layers of an NNX model,
-  read from the layer objects (stack = stored kernel rank - the layer's own)."""
-  stored = paths.flatten(state) if state is not None else {}
-  out: dict[str, Any] = {}
+  found, zeroed = {}, []
   for parts, m in nnx.iter_modules(model):
-    cls = _supported(m)
-    if cls is None:
+    if not isinstance(m, nnx.LoRA):
       continue
-    name, kind = SUPPORTED[cls]
-    p = paths.SEP.join([*map(str, parts), name])
-    w = stored.get(p, getattr(m, name).get_value())
-    out[p] = _info(m, cls, kind, len(w.shape), p)
-  return out
+    prefix = paths.SEP.join(map(str, parts))
+    owner_path = prefix.rpartition(paths.SEP)[0] if isinstance(m, nnx.LoRA) else prefix
+    base = m.base_module
+    a, b = m.lora_a.get_value(), m.lora_b.get_value()
+    if isinstance(model, nnx.LoRALinear) or isinstance(_parent(model, parts), nnx.LoRALinear):
+      kernel_path = (owner_path + paths.SEP if owner_path else "") + "kernel"
+    elif isinstance(base, nnx.Linear):
+      kernel_path = prefix + paths.SEP + "base_module" + paths.SEP + "kernel"
+    else:
+      raise AdapterError(f"{prefix!r}: an nnx.LoRA whose base is a {type(base).__name__}, "
+                         "not an nnx.Linear; adapt that layer with jlora.init_adapter instead")
+    found[kernel_path] = L.LoRA(a=jnp.asarray(a), b=jnp.asarray(b), alpha=float(a.shape[-1]))
+    zeroed.append(prefix + paths.SEP + "lora_b")
+  if not found:
+    raise AdapterError("from_flax_lora: the model has no nnx.LoRA / nnx.LoRALinear layer")
+  state = paths.map_with_path(lambda p, v: jnp.zeros_like(v) if p in zeroed else v,
+                              nnx.state(model))
+  return paths.unflatten(found), state
 
 
-def _info(m, cls, kind, ndim, path):
-  if cls is nnx.LinearGeneral:
-    if m.batch_axis:
-      return kind, f"{path}: LinearGeneral with batch_axis cannot take a LoRA; exclude it"
-    n_in = len(m.in_features)
-    n = n_in + len(m.out_features)
-    return L.LayerInfo(kind, tuple(range(n_in)), tuple(range(n_in, n)), ndim - n)
-  if cls is nnx.Einsum:
-    eq = m.einsum_str
-    ks = eq.replace(" ", "").partition("->")[0].partition(",")[2] if eq else "..."
-    if "..." in ks:
-      return kind, f"{path}: set einsum_str (without '...' in the kernel) to adapt this Einsum"
-    try:
-      xs = eq.replace(" ", "").partition(",")[0].replace("...", "")
-      spec = layers.einsum_spec(eq.replace("...", ""), len(xs), len(ks), path)
-    except ValueError as e:
-      return kind, str(e)
-    return L.LayerInfo(kind, spec.in_axes, spec.out_axes, ndim - len(ks))
-  if cls is nnx.Conv:
-    problem = _conv_problem(m)
-    if problem:
-      return kind, f"{path}: {problem} cannot take a LoRA; exclude it"
-    n = len(m.kernel_shape)
-    return L.LayerInfo(kind, tuple(range(n - 1)), (n - 1,), ndim - n)
-  return L.LayerInfo(kind, (0,), (1,), ndim - 2)
+def _parent(root, parts):
+  obj = root
+  for part in parts[:-1]:
+    obj = obj[part] if isinstance(obj, (nnx.List, nnx.Dict, list, dict)) else getattr(obj, part)
+  return obj

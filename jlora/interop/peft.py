@@ -376,7 +376,7 @@ def read(directory, params, *, layers=None, dtype=jnp.float32, check_base_copies
 
 def _trace(model, params, args, kwargs) -> dict[str, L.LayerInfo]:
   """Each weight's layer kind and axes, learnt by tracing ``model`` (no FLOPs)."""
-  from jlora.flax.trace import learn_layers
+  from jlora.flax import learn_layers
   found = learn_layers(model, params, args, kwargs)
   return {p: info for p, info in found.items() if isinstance(info, L.LayerInfo)}
 
@@ -430,7 +430,7 @@ def _build_nodes(per_layer, table, d, dtype) -> dict[str, L.LoRA]:
                        "rank and alpha (load into unscanned params instead)")
     (rank, alpha), = settings
     meta = dict(alpha=alpha, rank=rank, in_axes=site.info.in_axes, out_axes=site.info.out_axes,
-                stack=site.info.stack, kind=site.info.kind, rslora=bool(d.get("use_rslora")),
+                kind=site.info.kind, rslora=bool(d.get("use_rslora")),
                 dropout=float(d.get("lora_dropout") or 0.0))
     if site.layer is None:
       a, b, m = layers_[None][2]
@@ -459,7 +459,7 @@ def _stack_layers(path, layers_, site: _Site, rank, meta, dtype):
     if not isinstance(site.weight, (jax.Array, np.ndarray)):
       raise ValueError(f"DoRA adapter leaves layer {i} of {path!r} out: its magnitude ‖W‖ needs "
                        "concrete (unquantized) params")
-    probe = L.LoRA(a=jnp.asarray(zeros_a), b=jnp.asarray(zeros_b), **{**meta, "stack": 0})
+    probe = L.LoRA(a=jnp.asarray(zeros_a), b=jnp.asarray(zeros_b), **meta)
     mags.append(np.asarray(L.dora_norm(jnp.asarray(site.weight[i]), probe)).astype(dtype))
   return a, b, np.stack(mags)
 
