@@ -34,7 +34,7 @@ def _adapter(rng, rank, alpha, rslora=False, layout=LAYOUT):
     a = rng.standard_normal(st + tuple(k[i] for i in ia) + (rank,)) / 2
     b = rng.standard_normal(st + (rank,) + tuple(k[i] for i in oa)) / 2
     flat[p] = L.LoRA(a=jnp.asarray(a, jnp.float32), b=jnp.asarray(b, jnp.float32), alpha=alpha,
-                     rank=rank, in_axes=ia, out_axes=oa, stack=len(st),
+                     rank=rank, in_axes=ia, out_axes=oa,
                      kind="conv" if "conv" in p else "dense", rslora=rslora)
   from jlora import paths
   return paths.unflatten(flat)

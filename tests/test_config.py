@@ -60,7 +60,7 @@ def test_config_is_frozen_keyword_only_and_hashable():
     (ALL_LINEAR, "mlp/up/kernel", 2, None, True),
     (ALL_LINEAR, "lm_head/kernel", 2, None, False),
     (ALL_LINEAR, "emb/embedding", 2, None, False),
-    (ALL_LINEAR, "blk/kernel", 3, None, False),                       # ambiguous without a trace
+    (ALL_LINEAR, "blk/kernel", 3, None, True),      # selected; init_adapter asks for model=
     (ALL_LINEAR, "blk/kernel", 3, "dense", True),
     (ALL_LINEAR, "conv/kernel", 4, "conv", False),
 ])

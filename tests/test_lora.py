@@ -24,7 +24,7 @@ def _case_lora(rng, case, *, dora=False, rslora=False, alpha=3.0):
   a = rng.standard_normal(stack + tuple(kshape[i] for i in in_axes) + (rank,)).astype(np.float32)
   b = rng.standard_normal(stack + (rank,) + tuple(kshape[i] for i in out_axes)).astype(np.float32)
   lo = L.LoRA(a=jnp.asarray(a), b=jnp.asarray(b), alpha=alpha, rank=rank, in_axes=in_axes,
-              out_axes=out_axes, stack=len(stack), kind=kind, rslora=rslora)
+              out_axes=out_axes, kind=kind, rslora=rslora)
   if dora:
     m = ref.dora_magnitude(w, a, b, lo.scale, in_axes, out_axes, len(stack))
     m = m * (1 + 0.3 * rng.uniform(size=m.shape))

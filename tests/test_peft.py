@@ -471,7 +471,7 @@ def test_embedding_base_copy_must_match(small):
 def _node(rng, n_in, n_out, r, stack=(), **kw):
   return jlora.LoRA(a=jnp.asarray(rng.normal(size=stack + (n_in, r)), jnp.float32),
                     b=jnp.asarray(rng.normal(size=stack + (r, n_out)), jnp.float32),
-                    rank=r, stack=len(stack), **kw)
+                    rank=r, **kw)
 
 
 def test_save_is_atomic(tmp_path, rng, monkeypatch):

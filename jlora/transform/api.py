@@ -150,7 +150,7 @@ def learn(fn: Callable, params: Any, args=(), kwargs: Mapping | None = None,
     candidates = [p for p, w in flat.items() if len(getattr(w, "shape", ())) >= 2]
   candidates = set(candidates)
   traced = _Traced(fn, params, args, kwargs, candidates)
-  uses: dict[str, list[dict]] = {p: [] for p in candidates}
+  uses: dict[str, list[dict]] = {p: [] for p in flat if p in candidates}   # params order
 
   def note(w, use):
     uses[w.path].append(use)
