@@ -223,8 +223,8 @@ def test_missing_unexpected_and_misshapen_tensors(checkpoints, tmp_path):
 def test_unsupported_inputs(checkpoints, tmp_path):
   d = _copy(checkpoints, tmp_path)
   cfg = json.loads((d / "config.json").read_text())
-  json.dump(dict(cfg, model_type="gemma"), open(d / "config.json", "w"))
-  with pytest.raises(ValueError, match=r"config\.json: model_type 'gemma' is not supported"):
+  json.dump(dict(cfg, model_type="falcon"), open(d / "config.json", "w"))
+  with pytest.raises(ValueError, match=r"config\.json: model_type 'falcon' is not supported"):
     from_hf(d)
   json.dump(dict(cfg, rope_parameters=dict(rope_type="yarn", factor=2.0)),
             open(d / "config.json", "w"))
