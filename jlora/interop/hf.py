@@ -29,6 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, Sharding
 
 from jlora import paths
+from jlora.errors import ConfigError
 from jlora.interop import safetensors_io as st
 from jlora.models import registry
 from jlora.models.registry import config_from_hf, config_to_hf  # noqa: F401  (re-exported)
@@ -252,7 +253,8 @@ def _progress(items: list, progress: bool | None, n_tensors: int, desc: str):
 # ----------------------------------------------------------------------------- writing
 
 def to_hf(directory: str | os.PathLike, config: Any, params: Any, *,
-          max_shard_size: int | None = None, dtype=None) -> list[str]:
+          max_shard_size: int | None = None, dtype=None,
+          extra_config: Mapping[str, Any] | None = None) -> list[str]:
   """Writes ``params`` as a Hugging Face checkpoint: ``config.json`` + safetensors.
 
   The inverse of :func:`from_hf` (kernels transposed back to ``[out, in]``,
@@ -268,16 +270,25 @@ def to_hf(directory: str | os.PathLike, config: Any, params: Any, *,
     params: the (boxed or plain) parameter tree of the family's model.
     max_shard_size: bytes per safetensors shard (with an index); None: one file.
     dtype: cast every tensor to this dtype; None keeps each one's dtype.
+    extra_config: more ``config.json`` fields that the model does not hold
+      (``bos_token_id``, ``eos_token_id``, ``pad_token_id``, ...); one that
+      contradicts a field jlora writes raises a :class:`jlora.ConfigError`.
 
   Returns:
     The names of the files written.
 
   Example:
-      to_hf("out", model.config, params, max_shard_size=2**30)
+      to_hf("out", model.config, params, max_shard_size=2**30,
+            extra_config={"eos_token_id": 2})
   """
   directory = os.fspath(directory)
   fam = registry.family(config.model_type, "to_hf")
   hf_config = config_to_hf(config)       # refuses what the model_type cannot express
+  clash = {k: v for k, v in (extra_config or {}).items() if k in hf_config and hf_config[k] != v}
+  if clash:
+    raise ConfigError(f"to_hf: extra_config {clash} contradicts the model's config.json fields "
+                      f"{ {k: hf_config[k] for k in clash} }")
+  hf_config = {**hf_config, **(extra_config or {})}
   specs = paths.flatten(nn.unbox(fam.abstract_params(config)))
   flat = paths.flatten(nn.unbox(params))
   missing, extra = sorted(set(specs) - set(flat)), sorted(set(flat) - set(specs))

@@ -118,7 +118,10 @@ def write(cfg: LlamaConfig) -> dict:
   out = dict(attention_bias=cfg.qkv_bias)
   if cfg.model_type == "gemma":
     return dict(out, hidden_act=cfg.hidden_act)
-  out.update(hidden_activation=cfg.hidden_act, query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+  scalar = cfg.query_pre_attn_scalar   # transformers types it int
+  out.update(hidden_activation=cfg.hidden_act,
+             query_pre_attn_scalar=(int(scalar) if scalar is not None and float(scalar).is_integer()
+                                    else scalar),
              attn_logit_softcapping=cfg.attn_logit_softcapping,
              final_logit_softcapping=cfg.final_logit_softcapping,
              sliding_window=cfg.sliding_window,
