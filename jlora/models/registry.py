@@ -99,7 +99,7 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype=jnp.float32, scan_layers: boo
   if hf.get("quantization_config"):
     raise ConfigError(f"{source}: a pre-quantized checkpoint (quantization_config) cannot be "
                       "loaded; load the full-precision weights and use from_hf(quantize=...)")
-  fields = fam.read(HFConfig(hf, source, fam.defaults[mt]))
+  fields = fam.read(HFConfig(hf, source, fam.defaults.get(mt, {})))
   try:
     return LlamaConfig(**fields, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
   except (TypeError, ValueError) as e:
