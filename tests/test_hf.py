@@ -32,8 +32,9 @@ MODELS = {
         rope_theta=500.0, rms_norm_eps=1e-5,
         rope_scaling=dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0,
                           high_freq_factor=2.0, original_max_position_embeddings=8))),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(
-        tie_word_embeddings=True, rope_theta=1000.0)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(   # layer 1 slides
+        tie_word_embeddings=True, rope_theta=1000.0, use_sliding_window=True, sliding_window=3,
+        max_window_layers=1)),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(
         sliding_window=3, head_dim=16)),
 }
@@ -102,6 +103,7 @@ def test_config_mapping(checkpoints):
   qwen = json.loads((checkpoints["qwen2"][1] / "config.json").read_text())
   cfg = config_from_hf(qwen)
   assert (cfg.qkv_bias, cfg.o_bias, cfg.tie_word_embeddings) == (True, False, True)
+  assert cfg.sliding_layers == (False, True) and cfg.sliding_window == 3
   llama = config_from_hf(json.loads((checkpoints["llama"][1] / "config.json").read_text()))
   assert llama.rope_scaling.kind == "llama3" and llama.rope_scaling.factor == 4.0
   assert llama.rope_theta == 500.0 and llama.rms_norm_eps == 1e-5
@@ -223,8 +225,8 @@ def test_missing_unexpected_and_misshapen_tensors(checkpoints, tmp_path):
 def test_unsupported_inputs(checkpoints, tmp_path):
   d = _copy(checkpoints, tmp_path)
   cfg = json.loads((d / "config.json").read_text())
-  json.dump(dict(cfg, model_type="gemma"), open(d / "config.json", "w"))
-  with pytest.raises(ValueError, match=r"config\.json: model_type 'gemma' is not supported"):
+  json.dump(dict(cfg, model_type="falcon"), open(d / "config.json", "w"))
+  with pytest.raises(ValueError, match=r"config\.json: model_type 'falcon' is not supported"):
     from_hf(d)
   json.dump(dict(cfg, rope_parameters=dict(rope_type="yarn", factor=2.0)),
             open(d / "config.json", "w"))

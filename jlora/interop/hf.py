@@ -1,9 +1,11 @@
-"""Hugging Face Llama-family checkpoints <-> jlora's reference model.
+"""Hugging Face checkpoints <-> jlora's reference models.
 
 :func:`from_hf` reads ``config.json`` and the safetensors weights of a
-Llama, Mistral or Qwen2 checkpoint directory into
-:class:`jlora.models.Llama` and its ``params`` tree, tensor by tensor;
-:func:`to_hf` writes them back. Names map as::
+checkpoint directory of any family in :mod:`jlora.models.registry` (Llama,
+Mistral, Qwen2, Qwen3, Gemma 1/2/3 text, Phi-3) into its reference model and
+``params`` tree, tensor by tensor; :func:`to_hf` writes them back. The
+registry is all this module knows of ``jlora.models``: each family's config
+map and name map live with that family. Names map as::
 
   model.embed_tokens.weight [vocab, d]          embed_tokens/embedding [vocab, d]
   model.layers.{i}.self_attn.q_proj.weight      layers_{i}/self_attn/q_proj/kernel
@@ -27,20 +29,24 @@ import numpy as np
 from jax.sharding import Mesh, Sharding
 
 from jlora import paths
+from jlora.errors import ConfigError
 from jlora.interop import safetensors_io as st
-from jlora.interop.hf_config import MODEL_TYPES, config_from_hf, config_to_hf
-from jlora.models.config import LlamaConfig
-from jlora.models.llama import Llama, abstract_params
+from jlora.models import registry
+from jlora.models.registry import config_from_hf, config_to_hf  # noqa: F401  (re-exported)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)   # buffers some old checkpoints saved
 
 
 # ----------------------------------------------------------------------------- names
 
-def hf_name(path: str, layer: int | None = None) -> str:
-  """The Hugging Face tensor name of the jlora parameter at ``path``.
+_NAMES = registry.family("llama").names   # the layout every registered family shares
 
-  ``layer`` picks the layer of a scanned ``layers/...`` path.
+
+def hf_name(path: str, layer: int | None = None) -> str:
+  """The Hugging Face tensor name of the jlora parameter at ``path`` (Llama's name map).
+
+  ``layer`` picks the layer of a scanned ``layers/...`` path. Every
+  registered family uses this layout (``registry.family(t).names``).
 
   Example:
     >>> hf_name("layers_3/self_attn/q_proj/kernel")
@@ -48,20 +54,7 @@ def hf_name(path: str, layer: int | None = None) -> str:
     >>> hf_name("layers/mlp/down_proj/kernel", layer=1)
     'model.layers.1.mlp.down_proj.weight'
   """
-  *mods, leaf = path.split(paths.SEP)
-  leaf = "bias" if leaf == "bias" else "weight"
-  if not mods:
-    raise ValueError(f"hf_name: {path!r} is not a module/parameter path")
-  head = mods[0]
-  if head == "layers":
-    if layer is None:
-      raise ValueError(f"hf_name: {path!r} is a scanned layer stack; pass layer=")
-    mods = ["model", "layers", str(layer)] + mods[1:]
-  elif head.startswith("layers_"):
-    mods = ["model", "layers", head[len("layers_"):]] + mods[1:]
-  elif head != "lm_head":
-    mods = ["model"] + mods
-  return ".".join(mods + [leaf])
+  return _NAMES.hf_name(path, layer)
 
 
 def flax_path(name: str, *, scan_layers: bool = False) -> tuple[str, int | None]:
@@ -73,25 +66,7 @@ def flax_path(name: str, *, scan_layers: bool = False) -> tuple[str, int | None]
     >>> flax_path("model.layers.3.self_attn.q_proj.weight", scan_layers=True)
     ('layers/self_attn/q_proj/kernel', 3)
   """
-  parts = name.split(".")
-  if len(parts) < 2 or parts[-1] not in ("weight", "bias"):
-    raise ValueError(f"flax_path: {name!r} is not a '<module>.weight|bias' tensor name")
-  *mods, leaf = parts
-  mods = mods[1:] if mods[0] == "model" else mods
-  layer = None
-  if len(mods) > 2 and mods[0] == "layers" and mods[1].isdigit():
-    layer = int(mods[1])
-    mods = (["layers"] if scan_layers else [f"layers_{layer}"]) + mods[2:]
-  last = mods[-1]
-  if leaf == "bias":
-    leaf_name = "bias"
-  elif last == "embed_tokens":
-    leaf_name = "embedding"
-  elif last.endswith("norm"):
-    leaf_name = "scale"
-  else:
-    leaf_name = "kernel"
-  return paths.SEP.join(mods + [leaf_name]), (layer if scan_layers else None)
+  return _NAMES.flax_path(name, scan_layers=scan_layers)
 
 
 def _is_kernel(path: str) -> bool:
@@ -104,8 +79,14 @@ def _is_kernel(path: str) -> bool:
 
 def from_hf(directory: str | os.PathLike, dtype=jnp.float32, *, scan_layers: bool = False,
             quantize: str | Mapping[str, Any] | Callable[[str, jax.Array], Any] | None = None,
-            shardings: Any = None, progress: bool | None = None) -> tuple[Llama, dict]:
-  """Loads a Hugging Face Llama / Mistral / Qwen2 safetensors checkpoint.
+            shardings: Any = None, progress: bool | None = None) -> tuple[Any, dict]:
+  """Loads a Hugging Face safetensors checkpoint of a registered family.
+
+  ``model_type`` in ``config.json`` picks the family
+  (:func:`jlora.models.registry.model_types`: llama, mistral, qwen2, qwen3,
+  gemma, gemma2, gemma3_text, phi3); a field whose value changes the math
+  in a way jlora does not implement raises a :class:`jlora.ConfigError`
+  naming it.
 
   Tensors are read one at a time from the memory-mapped files (single
   ``model.safetensors`` or shards listed in ``model.safetensors.index.json``),
@@ -136,13 +117,13 @@ def from_hf(directory: str | os.PathLike, dtype=jnp.float32, *, scan_layers: boo
     progress: show a tqdm bar (if tqdm is installed); None: when loading 64+ tensors.
 
   Returns:
-    ``(model, params)``: a :class:`jlora.models.Llama` and its plain
-    (unboxed) parameter tree; ``model.apply({"params": params}, ids)`` gives
+    ``(model, params)``: the family's model (a :class:`jlora.models.Llama`
+    with the family's config switches) and its plain (unboxed) parameter tree; ``model.apply({"params": params}, ids)`` gives
     logits ``[batch, seq, vocab]``.
 
   Raises:
     FileNotFoundError / ValueError naming the file or tensor: no checkpoint,
-    an unsupported ``model_type``, a truncated or inconsistent safetensors
+    an unsupported ``model_type`` or config field (``jlora.ConfigError``), a truncated or inconsistent safetensors
     file, missing, unexpected or wrongly shaped tensors.
 
   Example:
@@ -153,9 +134,10 @@ def from_hf(directory: str | os.PathLike, dtype=jnp.float32, *, scan_layers: boo
   source = os.path.join(directory, "config.json")
   config = config_from_hf(st.read_json(source), dtype=dtype, scan_layers=scan_layers,
                           source=source)
-  boxed = abstract_params(config)
+  fam = registry.family(config.model_type)
+  boxed = fam.abstract_params(config)
   specs = paths.flatten(nn.unbox(boxed))
-  plan = {p: _names_of(p, config) for p in specs}
+  plan = {p: _names_of(p, config, fam.names) for p in specs}
   place = _placer(shardings, boxed, specs)
   quantize = _quantizer(quantize)
   np_dtype = np.dtype(dtype)
@@ -166,16 +148,16 @@ def from_hf(directory: str | os.PathLike, dtype=jnp.float32, *, scan_layers: boo
     for path in _progress(list(plan), progress, n_tensors, os.path.basename(directory)):
       arr = _load(ckpt, path, plan[path], specs[path], place(path), np_dtype)
       flat[path] = arr if quantize is None else quantize(path, arr)
-  return Llama(config), paths.unflatten(flat)
+  return fam.model(config), paths.unflatten(flat)
 
 
-def _names_of(path: str, config: LlamaConfig) -> list[str]:
+def _names_of(path: str, config: Any, names: Any) -> list[str]:
   if path.split(paths.SEP)[0] == "layers":
-    return [hf_name(path, i) for i in range(config.num_hidden_layers)]
-  return [hf_name(path)]
+    return [names.hf_name(path, i) for i in range(config.num_hidden_layers)]
+  return [names.hf_name(path)]
 
 
-def _check_names(ckpt: st.Checkpoint, plan: dict, config: LlamaConfig, directory: str) -> None:
+def _check_names(ckpt: st.Checkpoint, plan: dict, config: Any, directory: str) -> None:
   expected = {n for names in plan.values() for n in names}
   missing = sorted(expected - ckpt.names)
   if missing:
@@ -270,8 +252,9 @@ def _progress(items: list, progress: bool | None, n_tensors: int, desc: str):
 
 # ----------------------------------------------------------------------------- writing
 
-def to_hf(directory: str | os.PathLike, config: LlamaConfig, params: Any, *,
-          max_shard_size: int | None = None, dtype=None) -> list[str]:
+def to_hf(directory: str | os.PathLike, config: Any, params: Any, *,
+          max_shard_size: int | None = None, dtype=None,
+          extra_config: Mapping[str, Any] | None = None) -> list[str]:
   """Writes ``params`` as a Hugging Face checkpoint: ``config.json`` + safetensors.
 
   The inverse of :func:`from_hf` (kernels transposed back to ``[out, in]``,
@@ -281,19 +264,32 @@ def to_hf(directory: str | os.PathLike, config: LlamaConfig, params: Any, *,
 
   Args:
     directory: created if needed.
-    config: the model's :class:`LlamaConfig` (``model_type`` picks the architecture).
-    params: the (boxed or plain) parameter tree of ``Llama(config)``.
+    config: the model's :class:`jlora.models.LlamaConfig` (``model_type``
+      picks the family; a :class:`jlora.ConfigError` names fields that
+      ``model_type`` cannot express).
+    params: the (boxed or plain) parameter tree of the family's model.
     max_shard_size: bytes per safetensors shard (with an index); None: one file.
     dtype: cast every tensor to this dtype; None keeps each one's dtype.
+    extra_config: more ``config.json`` fields that the model does not hold
+      (``bos_token_id``, ``eos_token_id``, ``pad_token_id``, ...); one that
+      contradicts a field jlora writes raises a :class:`jlora.ConfigError`.
 
   Returns:
     The names of the files written.
 
   Example:
-      to_hf("out", model.config, params, max_shard_size=2**30)
+      to_hf("out", model.config, params, max_shard_size=2**30,
+            extra_config={"eos_token_id": 2})
   """
   directory = os.fspath(directory)
-  specs = paths.flatten(nn.unbox(abstract_params(config)))
+  fam = registry.family(config.model_type, "to_hf")
+  hf_config = config_to_hf(config)       # refuses what the model_type cannot express
+  clash = {k: v for k, v in (extra_config or {}).items() if k in hf_config and hf_config[k] != v}
+  if clash:
+    raise ConfigError(f"to_hf: extra_config {clash} contradicts the model's config.json fields "
+                      f"{ {k: hf_config[k] for k in clash} }")
+  hf_config = {**hf_config, **(extra_config or {})}
+  specs = paths.flatten(nn.unbox(fam.abstract_params(config)))
   flat = paths.flatten(nn.unbox(params))
   missing, extra = sorted(set(specs) - set(flat)), sorted(set(flat) - set(specs))
   if missing or extra:
@@ -314,12 +310,12 @@ def to_hf(directory: str | os.PathLike, config: LlamaConfig, params: Any, *,
       x, kernel = host(flat[p]), _is_kernel(p)
       if p.split(paths.SEP)[0] == "layers":
         for i in range(config.num_hidden_layers):
-          yield hf_name(p, i), (x[i].T if kernel else x[i])
+          yield fam.names.hf_name(p, i), (x[i].T if kernel else x[i])
       else:
-        yield hf_name(p), (x.T if kernel else x)
+        yield fam.names.hf_name(p), (x.T if kernel else x)
 
   first = np.dtype(dtype if dtype is not None else flat["embed_tokens/embedding"].dtype)
   files = st.write_checkpoint(directory, tensors(), max_shard_size=max_shard_size)
   with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(config_to_hf(config, dtype=first.name), f, indent=2)
+    json.dump(dict(hf_config, torch_dtype=first.name), f, indent=2)
   return files + ["config.json"]

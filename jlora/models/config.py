@@ -1,9 +1,14 @@
-"""LlamaConfig: the shape and numerics of a Llama-family decoder, and presets.
+"""LlamaConfig: the shape and numerics of a Llama-style decoder, and presets.
 
-Field names follow Hugging Face's ``LlamaConfig`` (``hidden_size``,
-``num_attention_heads``, ...) so a ``config.json`` maps onto it field by field
-(:func:`jlora.interop.hf.config_from_hf`). The same class describes Llama 2/3,
-TinyLlama, Mistral (``sliding_window``) and Qwen2 (``qkv_bias``).
+Field names follow Hugging Face's configs (``hidden_size``,
+``num_attention_heads``, ``query_pre_attn_scalar``, ...) so a ``config.json``
+maps onto it field by field (each family's map is in
+:mod:`jlora.models.families`). The same class describes Llama 2/3, TinyLlama,
+Mistral (``sliding_window``), Qwen2 (``qkv_bias``), Qwen3 (``qk_norm``),
+Gemma 1/2/3 (``norm_plus_one``, ``scale_embeddings``, ``sandwich_norms``,
+soft-capping, ``layer_types``, ``rope_local_base_freq``) and Phi-3
+(``fused_projections``, ``partial_rotary_factor``): a variant is a field, not
+a fork of the model code.
 """
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ ACTIVATIONS = {
 """``hidden_act`` names (Hugging Face's) -> activation of the gate projection."""
 
 ROPE_KINDS = ("linear", "llama3")
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+"""``layer_types`` entries (Hugging Face's names)."""
 
 REMAT_POLICIES = {
     "full": "nothing_saveable",
@@ -62,7 +70,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
-  """A Llama-family decoder's shape and numerics.
+  """A Llama-style decoder's shape and numerics (Llama, Mistral, Qwen, Gemma, Phi-3).
 
   Attributes:
     vocab_size / hidden_size / intermediate_size / num_hidden_layers: sizes.
@@ -79,7 +87,31 @@ class LlamaConfig:
       ``attention_bias``), on o_proj (Llama ``attention_bias``), on the MLP.
     sliding_window: attend to at most this many most recent positions
       (Mistral); None for full causal attention.
+    layer_types: per layer, "full_attention" or "sliding_attention" (Gemma 2/3,
+      Qwen2/3 ``max_window_layers``); None: every layer slides when
+      ``sliding_window`` is set (Mistral, Phi-3), none otherwise. A list of
+      one kind is stored that way (None, and no window if all are full).
     hidden_act: activation of the gate projection (a key of ``ACTIVATIONS``).
+    partial_rotary_factor: RoPE rotates the first ``int(head_size · factor)``
+      dims of each head and passes the rest (Phi-3 family).
+    rope_local_base_freq: RoPE base of the sliding-window layers, unscaled
+      (Gemma 3); None: they use ``rope_theta`` and ``rope_scaling`` too.
+    norm_plus_one: every RMSNorm scales by ``1 + w`` in float32 and its weight
+      starts at zero (Gemma); else by ``w`` after casting back (Llama).
+    scale_embeddings: token embeddings times ``sqrt(hidden_size)``, rounded
+      to ``param_dtype`` (Gemma).
+    sandwich_norms: Gemma 2/3's block: ``post_attention_layernorm`` normalises
+      the attention output before the residual add, and
+      ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm`` wrap the
+      MLP (in Llama ``post_attention_layernorm`` is the pre-MLP norm).
+    qk_norm: an RMSNorm over each head of q and k before RoPE (``q_norm``,
+      ``k_norm``: Qwen3, Gemma 3).
+    query_pre_attn_scalar: attention scores scaled by ``this ** -0.5``
+      (Gemma 2/3); None: ``head_size ** -0.5``.
+    attn_logit_softcapping / final_logit_softcapping: ``cap · tanh(s / cap)``
+      on the attention scores / the logits (Gemma 2); None: no cap.
+    fused_projections: q, k and v as one ``qkv_proj`` (outputs in that order)
+      and gate and up as one ``gate_up_proj`` (gate first), Phi-3's layout.
     initializer_range: std of the normal initialiser of kernels and embeddings.
     model_type: the Hugging Face ``model_type`` this mirrors ("llama",
       "mistral", "qwen2"); only used when writing a ``config.json``.
@@ -115,7 +147,18 @@ class LlamaConfig:
   o_bias: bool = False
   mlp_bias: bool = False
   sliding_window: int | None = None
+  layer_types: tuple[str, ...] | None = None
   hidden_act: str = "silu"
+  partial_rotary_factor: float = 1.0
+  rope_local_base_freq: float | None = None
+  norm_plus_one: bool = False
+  scale_embeddings: bool = False
+  sandwich_norms: bool = False
+  qk_norm: bool = False
+  query_pre_attn_scalar: float | None = None
+  attn_logit_softcapping: float | None = None
+  final_logit_softcapping: float | None = None
+  fused_projections: bool = False
   initializer_range: float = 0.02
   model_type: str = "llama"
   dtype: Any = jnp.float32
@@ -139,8 +182,16 @@ class LlamaConfig:
     if self.head_dim is None and self.hidden_size % self.num_attention_heads:
       raise ValueError(f"LlamaConfig.hidden_size={self.hidden_size} is not divisible by "
                        f"num_attention_heads={self.num_attention_heads}; set head_dim")
-    if self.head_size % 2:
-      raise ValueError(f"LlamaConfig: head size {self.head_size} must be even for RoPE")
+    if self.rotary_size % 2 or not 0 < self.rotary_size <= self.head_size:
+      raise ValueError(f"LlamaConfig: RoPE rotates {self.rotary_size} of {self.head_size} head "
+                       f"dims (partial_rotary_factor={self.partial_rotary_factor}); it must be "
+                       "a positive even number")
+    self._check_layer_types()
+    for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                 "rope_local_base_freq"):
+      v = getattr(self, name)
+      if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+        raise ValueError(f"LlamaConfig.{name} must be a positive number or None, got {v!r}")
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"LlamaConfig.hidden_act must be one of {sorted(ACTIVATIONS)}, "
                        f"got {self.hidden_act!r}")
@@ -150,10 +201,46 @@ class LlamaConfig:
     if self.remat is not None:
       remat_policy(self.remat)  # validates the name
 
+  def _check_layer_types(self):
+    if self.layer_types is None:
+      return
+    object.__setattr__(self, "layer_types", tuple(self.layer_types))   # hashable
+    if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(
+        LAYER_TYPES):
+      raise ValueError(f"LlamaConfig.layer_types must hold one of {LAYER_TYPES} per layer "
+                       f"({self.num_hidden_layers}), got {list(self.layer_types)}")
+    if "sliding_attention" in self.layer_types and self.sliding_window is None:
+      raise ValueError("LlamaConfig.layer_types has sliding_attention layers but "
+                       "sliding_window is None")
+    if len(set(self.layer_types)) == 1:   # one kind: stored the Mistral way
+      if self.layer_types[0] == "full_attention":
+        object.__setattr__(self, "sliding_window", None)
+      object.__setattr__(self, "layer_types", None)
+
   @property
   def head_size(self) -> int:
     """``head_dim``, or ``hidden_size // num_attention_heads`` when that is None."""
     return self.head_dim or self.hidden_size // self.num_attention_heads
+
+  @property
+  def rotary_size(self) -> int:
+    """How many dims of each head RoPE rotates: ``int(head_size · partial_rotary_factor)``."""
+    return int(self.head_size * self.partial_rotary_factor)
+
+  @property
+  def sliding_layers(self) -> tuple[bool, ...]:
+    """Per layer, whether it attends through the sliding window.
+
+    Example:
+      >>> preset("tiny", sliding_window=4).sliding_layers
+      (True, True)
+      >>> preset("tiny", sliding_window=4,
+      ...        layer_types=["sliding_attention", "full_attention"]).sliding_layers
+      (True, False)
+    """
+    if self.layer_types is None:
+      return (self.sliding_window is not None,) * self.num_hidden_layers
+    return tuple(t == "sliding_attention" for t in self.layer_types)
 
   def replace(self, **kw) -> "LlamaConfig":
     return dataclasses.replace(self, **kw)

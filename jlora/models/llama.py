@@ -1,4 +1,5 @@
-"""A Llama-family decoder (Llama 2/3, TinyLlama, Mistral, Qwen2) in plain Flax Linen.
+"""A Llama-style decoder in plain Flax Linen: Llama 2/3, TinyLlama, Mistral,
+Qwen2/3, Gemma 1/2/3 (text) and Phi-3, one module with config switches.
 
 Nothing here knows about LoRA: projections are ``nn.Dense`` (kernel
 ``[in, out]``) and the embedding is ``nn.Embed``, so ``jlora.apply`` adapts the
@@ -7,8 +8,12 @@ parameter paths read like PEFT's module names::
 
   embed_tokens/embedding                 [vocab, hidden]
   layers_{i}/self_attn/{q,k,v,o}_proj/kernel, bias
+  layers_{i}/self_attn/qkv_proj/kernel   [hidden, (heads + 2 kv_heads) · head]  (Phi-3)
+  layers_{i}/self_attn/{q,k}_norm/scale  [head]                    (Qwen3, Gemma 3)
   layers_{i}/mlp/{gate,up,down}_proj/kernel
+  layers_{i}/mlp/gate_up_proj/kernel     [hidden, 2 · intermediate]              (Phi-3)
   layers_{i}/{input,post_attention}_layernorm/scale
+  layers_{i}/{pre,post}_feedforward_layernorm/scale                  (Gemma 2/3)
   norm/scale, lm_head/kernel             [hidden, vocab] (absent when tied)
 
 With ``scan_layers=True`` the layers are one ``nn.scan`` named ``layers``
@@ -81,28 +86,48 @@ def _lead(x: jax.Array, ndim: int) -> jax.Array:
 
 
 class RMSNorm(nn.Module):
-  """``x / sqrt(mean(x²) + eps) · scale`` over the last axis, in float32 (as HF)."""
+  """``x / sqrt(mean(x²) + eps) · scale`` over the last axis, normalised in float32 (as HF).
+
+  Attributes:
+    plus_one: Gemma's norm: the factor is ``1 + scale`` (``scale`` starts at
+      zero) and the product is taken in float32 before casting back; else
+      Llama's: the normalised ``x`` is cast back first, then scaled.
+    axis_name: logical axis name of ``scale: [features]``.
+  """
   eps: float
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  plus_one: bool = False
+  axis_name: str = "embed"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", _boxed(nn.initializers.ones_init(), ("embed",)),
-                       (x.shape[-1],), self.param_dtype)
+    init = nn.initializers.zeros_init() if self.plus_one else nn.initializers.ones_init()
+    scale = self.param("scale", _boxed(init, (self.axis_name,)), (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.plus_one:
+      return (y * _lead(1.0 + scale.astype(jnp.float32), x.ndim)).astype(self.dtype)
     return _lead(scale.astype(self.dtype), x.ndim) * y.astype(self.dtype)
 
 
-def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
-  """Inverse RoPE frequencies ``[head_size // 2]`` (float32), with ``rope_scaling``.
+def _norm(cfg: LlamaConfig, name: str, axis_name: str = "embed") -> RMSNorm:
+  return RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, cfg.norm_plus_one, axis_name,
+                 name=name)
+
+
+def rope_frequencies(cfg: LlamaConfig, local: bool = False) -> np.ndarray:
+  """Inverse RoPE frequencies ``[rotary_size // 2]`` (float32), with ``rope_scaling``.
 
   Matches Hugging Face's "default", "linear" and "llama3" rope types.
+  ``local=True``: those of the sliding-window layers, which use
+  ``rope_local_base_freq`` unscaled when it is set (Gemma 3).
   """
-  dim = cfg.head_size
-  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-  sc = cfg.rope_scaling
+  dim = cfg.rotary_size
+  local = local and cfg.rope_local_base_freq is not None
+  theta = cfg.rope_local_base_freq if local else cfg.rope_theta
+  inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+  sc = None if local else cfg.rope_scaling
   if sc is not None and sc.kind == "linear":
     inv = inv / sc.factor
   elif sc is not None and sc.kind == "llama3":
@@ -119,51 +144,97 @@ def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
   """Rotates ``x: [batch, seq, heads, head_size]`` by ``positions: [batch, seq]``.
 
-  Hugging Face's convention: the two halves of each head are the (real,
-  imaginary) parts, ``x·cos + rotate_half(x)·sin``.
+  Hugging Face's convention: the two halves of the rotated dims are the
+  (real, imaginary) parts, ``x·cos + rotate_half(x)·sin``. With
+  ``inv_freq: [R / 2]`` only the first ``R`` dims of each head rotate; the
+  rest pass unchanged (partial rotary).
   """
   freqs = positions.astype(jnp.float32)[..., None] * _lead(jnp.asarray(inv_freq), 3)
-  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]   # [B, T, 1, H]
+  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]   # [B, T, 1, R]
   x32 = x.astype(jnp.float32)
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+  half = inv_freq.shape[-1]
+  rot, rest = x32[..., :2 * half], x32[..., 2 * half:]
+  rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+  out = rot * jnp.cos(angles) + rotated * jnp.sin(angles)
+  if rest.shape[-1]:
+    out = jnp.concatenate([out, rest], axis=-1)
+  return out.astype(x.dtype)
+
+
+def _per_layer(sliding, full, local):
+  """``local`` for a sliding-window layer, else ``full``.
+
+  ``sliding`` is None when every layer is alike (then ``full`` is the only
+  value), or this layer's bool scalar (a traced one under ``nn.scan``).
+  """
+  if sliding is None:
+    return full
+  return jnp.where(sliding, local, full)
 
 
 class Attention(nn.Module):
-  """Grouped-query attention with RoPE; optional KV cache (``kv``, ``index``)."""
+  """Grouped-query attention with RoPE; optional KV cache (``kv``, ``index``).
+
+  ``masks`` is ``(mask, sliding_mask)``: the first for every layer when
+  ``sliding`` is None, else picked per layer by the bool ``sliding``.
+  """
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, kv=None, index=None):
+  def __call__(self, x, positions, masks, kv=None, index=None, sliding=None):
     c = self.config
     b, t, _ = x.shape
     n, k_heads, h = c.num_attention_heads, c.num_key_value_heads, c.head_size
-    q = _dense(c, n * h, ("embed", "heads"), c.qkv_bias, "q_proj")(x).reshape(b, t, n, h)
-    k = _dense(c, k_heads * h, ("embed", "kv_heads"), c.qkv_bias, "k_proj")(x)
-    v = _dense(c, k_heads * h, ("embed", "kv_heads"), c.qkv_bias, "v_proj")(x)
-    inv_freq = rope_frequencies(c)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k.reshape(b, t, k_heads, h), positions, inv_freq)
-    v = v.reshape(b, t, k_heads, h)
+    if c.fused_projections:
+      qkv = _dense(c, (n + 2 * k_heads) * h, ("embed", "heads"), c.qkv_bias, "qkv_proj")(x)
+      q, k, v = jnp.split(qkv, [n * h, (n + k_heads) * h], axis=-1)
+    else:
+      q = _dense(c, n * h, ("embed", "heads"), c.qkv_bias, "q_proj")(x)
+      k = _dense(c, k_heads * h, ("embed", "kv_heads"), c.qkv_bias, "k_proj")(x)
+      v = _dense(c, k_heads * h, ("embed", "kv_heads"), c.qkv_bias, "v_proj")(x)
+    q, k, v = q.reshape(b, t, n, h), k.reshape(b, t, k_heads, h), v.reshape(b, t, k_heads, h)
+    if c.qk_norm:
+      q, k = _norm(c, "q_norm", "head_dim")(q), _norm(c, "k_norm", "head_dim")(k)
+    if sliding is None:   # every layer alike: all sliding or all full
+      inv_freq = rope_frequencies(c, local=c.sliding_layers[0])
+    else:
+      inv_freq = _per_layer(sliding, rope_frequencies(c), rope_frequencies(c, local=True))
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     if kv is not None:
       k = lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
       v = lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
       kv = (k, v)
-    out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, h ** -0.5, c.attention_impl)
+    mask = _per_layer(sliding, *masks)
+    scale = (c.query_pre_attn_scalar or h) ** -0.5
+    out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale, c.attention_impl,
+                    c.attn_logit_softcapping)
     out = _dense(c, c.hidden_size, ("heads", "embed"), c.o_bias, "o_proj")(
         out.reshape(b, t, n * h))
     return out, kv
 
 
-def attention(q, k, v, mask, scale, implementation=None):
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  """``cap · tanh(x / cap)`` (Gemma 2's soft-capping), or ``x`` when ``cap`` is None."""
+  if cap is None:
+    return x
+  return cap * jnp.tanh(x / cap)
+
+
+def attention(q, k, v, mask, scale, implementation=None, logit_cap=None):
   """``jax.nn.dot_product_attention``, causal when ``mask`` is None.
+
+  ``q: [B, T, N, H]``, ``k, v: [B, S, K, H]`` (``N`` a multiple of ``K``),
+  ``mask: [B, 1, T, S]`` bool or None -> ``[B, T, N, H]``.
 
   With ``implementation=None`` on a GPU and 16-bit inputs, cuDNN's fused
   (flash) kernel is tried first, since XLA's default materialises the
   [batch, heads, q, k] scores (2.3x slower and 3x the memory for the TinyLlama
-  benchmark, benchmarks/NOTES.md).
+  benchmark, benchmarks/NOTES.md). With ``logit_cap`` the scores are
+  soft-capped (:func:`softcap`) before masking and softmax, which no fused
+  kernel does: that path is plain XLA (``implementation`` is ignored).
   """
+  if logit_cap is not None:
+    return _softcapped_attention(q, k, v, mask, scale, logit_cap)
   kw = dict(mask=mask, scale=scale, is_causal=mask is None)
   if implementation is None and jax.default_backend() == "gpu" and q.dtype in (
       jnp.bfloat16, jnp.float16):
@@ -174,30 +245,60 @@ def attention(q, k, v, mask, scale, implementation=None):
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation, **kw)
 
 
+def _softcapped_attention(q, k, v, mask, scale, cap):
+  """Attention with soft-capped scores, softmax in float32 (as HF's eager Gemma 2)."""
+  b, t, n, h = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  qg = q.reshape(b, t, kh, n // kh, h)                        # query heads grouped by kv head
+  scores = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) * scale
+  scores = softcap(scores, cap)
+  if mask is None:
+    mask = jnp.tril(jnp.ones((t, s), bool), s - t)[None, None]
+  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)   # [B, 1, 1, T, S]
+  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgts,bskh->btkgh", weights, v).reshape(b, t, n, h)
+
+
 class MLP(nn.Module):
-  """SwiGLU: ``down(act(gate(x)) · up(x))``."""
+  """Gated MLP: ``down(act(gate(x)) · up(x))`` (SwiGLU; GeGLU with a GELU ``hidden_act``)."""
   config: LlamaConfig
 
   @nn.compact
   def __call__(self, x):
     c = self.config
-    gate = _dense(c, c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "gate_proj")(x)
-    up = _dense(c, c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "up_proj")(x)
+    m = c.intermediate_size
+    if c.fused_projections:
+      gate, up = jnp.split(
+          _dense(c, 2 * m, ("embed", "mlp"), c.mlp_bias, "gate_up_proj")(x), 2, axis=-1)
+    else:
+      gate = _dense(c, m, ("embed", "mlp"), c.mlp_bias, "gate_proj")(x)
+      up = _dense(c, m, ("embed", "mlp"), c.mlp_bias, "up_proj")(x)
     return _dense(c, c.hidden_size, ("mlp", "embed"), c.mlp_bias, "down_proj")(
         ACTIVATIONS[c.hidden_act](gate) * up)
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+  """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+  With ``sandwich_norms`` (Gemma 2/3) each branch's output is normalised too:
+  ``x + norm(attn(norm(x)))``, then ``x + norm(mlp(norm(x)))``.
+  """
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, kv=None, index=None):
+  def __call__(self, x, positions, masks, kv=None, index=None, sliding=None):
     c = self.config
-    norm = lambda name: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name=name)
-    h, kv = Attention(c, name="self_attn")(norm("input_layernorm")(x), positions, mask, kv, index)
-    x = x + h
-    x = x + MLP(c, name="mlp")(norm("post_attention_layernorm")(x))
+    if not isinstance(masks, tuple):   # one mask for every layer
+      masks = (masks, None)
+    h, kv = Attention(c, name="self_attn")(_norm(c, "input_layernorm")(x), positions, masks, kv,
+                                           index, sliding)
+    if c.sandwich_norms:
+      x = x + _norm(c, "post_attention_layernorm")(h)
+      x = x + _norm(c, "post_feedforward_layernorm")(
+          MLP(c, name="mlp")(_norm(c, "pre_feedforward_layernorm")(x)))
+    else:
+      x = x + h
+      x = x + MLP(c, name="mlp")(_norm(c, "post_attention_layernorm")(x))
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), kv
 
 
@@ -224,7 +325,7 @@ def causal_mask(query_slots: jax.Array, key_valid: jax.Array,
 
 
 class Llama(nn.Module):
-  """Llama-family causal language model.
+  """Llama-style causal language model (every family of :class:`LlamaConfig`).
 
   ``model.apply({"params": p}, input_ids)`` -> logits ``[batch, seq, vocab]``.
 
@@ -256,7 +357,10 @@ class Llama(nn.Module):
     embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
                      embedding_init=_boxed(nn.initializers.normal(c.initializer_range),
                                            ("vocab", "embed")), name="embed_tokens")
-    x = nn.with_logical_constraint(embed(input_ids), ("batch", "length", "embed"))
+    x = embed(input_ids)
+    if c.scale_embeddings:   # sqrt(hidden) rounded to the weights' dtype, as HF's Gemma
+      x = x * jnp.asarray(math.sqrt(c.hidden_size), c.param_dtype).astype(x.dtype)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     valid = (jnp.ones((b, t), bool) if attention_mask is None
              else jnp.asarray(attention_mask).astype(bool))
     index = None if cache is None else cache.index
@@ -265,33 +369,43 @@ class Llama(nn.Module):
                                                                      (0, cache.index))
     if positions is None:
       positions = jnp.broadcast_to(slots[None, :], (b, t))
-    # Unpadded, uncached, unwindowed: plain causal attention, which cuDNN's
-    # flash kernel masks itself (no [batch, 1, T, T] mask array).
-    mask = (None if attention_mask is None and cache is None and c.sliding_window is None
-            else causal_mask(slots, key_valid, c.sliding_window))
+    kinds = set(c.sliding_layers)
+    if kinds == {False} and attention_mask is None and cache is None:
+      # Unpadded, uncached, unwindowed: plain causal attention, which cuDNN's
+      # flash kernel masks itself (no [batch, 1, T, T] mask array).
+      masks = (None, None)
+    elif len(kinds) == 1:
+      masks = (causal_mask(slots, key_valid, c.sliding_window if True in kinds else None), None)
+    else:   # Gemma 2/3: both masks, each layer picks its own
+      masks = (causal_mask(slots, key_valid), causal_mask(slots, key_valid, c.sliding_window))
     kv = None if cache is None else (cache.k, cache.v)
-    x, kv = self._layers(x, positions, mask, kv, index)
-    x = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="norm")(x)
+    x, kv = self._layers(x, positions, masks, kv, index)
+    x = _norm(c, "norm")(x)
     if c.tie_word_embeddings:
       logits = embed.attend(x)
     else:
       logits = _dense(c, c.vocab_size, ("embed", "vocab"), False, "lm_head")(x)
+    logits = softcap(logits, c.final_logit_softcapping)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
     if cache is None:
       return logits
     return logits, KVCache(k=kv[0], v=kv[1], mask=key_valid, index=cache.index + t)
 
-  def _layers(self, x, positions, mask, kv, index):
+  def _layers(self, x, positions, masks, kv, index):
     c, layer = self.config, _layer_class(self.config)
+    # per-layer sliding flags only where layers differ (uniform: one mask, one RoPE)
+    sliding = None if len(set(c.sliding_layers)) == 1 else np.asarray(c.sliding_layers)
     if c.scan_layers:
       stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                      in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
                       length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      return stack(c, name="layers")(x, positions, mask, kv, index)
+      return stack(c, name="layers")(x, positions, masks, kv, index,
+                                     None if sliding is None else jnp.asarray(sliding))
     new = []
     for i in range(c.num_hidden_layers):
       x, kv_i = layer(c, name=f"layers_{i}")(
-          x, positions, mask, None if kv is None else (kv[0][i], kv[1][i]), index)
+          x, positions, masks, None if kv is None else (kv[0][i], kv[1][i]), index,
+          None if sliding is None else jnp.asarray(sliding[i]))
       new.append(kv_i)
     if kv is None:
       return x, None
