@@ -19,6 +19,7 @@ import pytest
 import jlora
 from conftest import rel_err
 from test_flax_grad import _eqns
+from test_flax_ref import merge64, run64
 
 TOL = 2e-5
 init = nn.initializers.normal(0.3)
@@ -332,3 +333,113 @@ def test_a_weight_used_elementwise_too_sees_the_merged_weight(rng):
                                      model=fn, args=(x,)), rng)
   got = jlora.adapt(fn, {"w": w}, ad)(x)
   assert rel_err(got, fn(jlora.merge({"w": w}, ad), x)) < TOL
+
+
+# ----------------------------------------------------------------------------- control flow
+
+def _check(fn, params, args, cfg=None, rng=None, tol=TOL):
+  """Adapted == the function on the merged params (a float64 reference), with
+  and without jit."""
+  cfg = cfg or jlora.LoraConfig(rank=2, targets=".*")
+  fresh = jlora.init_adapter(jax.random.key(0), params, cfg, model=fn, args=args)
+  ad = randomized(fresh, rng)
+  want = run64(fn, merge64(params, ad), *args)
+  for run in (jlora.adapt(fn, params, ad), jax.jit(lambda *a: jlora.adapt(fn, params, ad)(*a))):
+    got = run(*args)
+    assert jax.tree.all(jax.tree.map(lambda g, w: rel_err(g, w) < tol, got, want))
+  return ad
+
+
+def test_cond_while_and_fori_loop(rng):
+  params = {"w": jnp.asarray(rng.normal(size=(4, 4)) * 0.4, jnp.float32),
+            "v": jnp.asarray(rng.normal(size=(4, 4)) * 0.4, jnp.float32)}
+
+  def fn(p, x):
+    x = jax.lax.cond(jnp.sum(x) > 0, lambda x: x @ p["w"], lambda x: jnp.tanh(x @ p["v"]), x)
+    x = jax.lax.fori_loop(0, 3, lambda i, x: jnp.tanh(x @ p["w"]), x)
+    return jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1] @ p["v"]), (0, x))[1]
+  for x in (_x(3, 4), -_x(3, 4) - 3):
+    _check(fn, params, (x,), rng=rng)
+
+
+def test_checkpoint_policy_and_custom_derivatives(rng):
+  """jax.checkpoint is re-entered with its policy; a custom_vjp function gets
+  the merged weight at its boundary and keeps its own derivative rule."""
+  @jax.custom_vjp
+  def clipped_matmul(x, w):
+    return x @ w
+
+  def fwd(x, w):
+    return x @ w, (x, w)
+
+  def bwd(res, g):          # a deliberately different rule: the gradient scaled by 2
+    x, w = res
+    return (2 * g @ w.T, 2 * x.T @ g)
+  clipped_matmul.defvjp(fwd, bwd)
+
+  params = {"w": jnp.asarray(rng.normal(size=(5, 6)) * 0.3, jnp.float32),
+            "v": jnp.asarray(rng.normal(size=(6, 5)) * 0.3, jnp.float32)}
+  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
+  def fn(p, x):
+    h = jax.checkpoint(lambda x: jnp.tanh(x @ p["w"]), policy=policy)(x)
+    return clipped_matmul(h, p["v"])
+  x = _x(3, 5)
+  ad = _check(fn, params, (x,), rng=rng)
+  jaxpr = jax.make_jaxpr(lambda ad: jlora.adapt(fn, params, ad)(x))(ad).jaxpr
+  remats = [e for e in _eqns(jaxpr) if e.primitive.name in ("remat2", "checkpoint")]
+  assert remats and all(e.params["policy"] is policy for e in remats)
+  g = jax.grad(lambda ad: jnp.sum(jlora.adapt(fn, params, ad)(x)))(ad)
+  want = jax.grad(lambda ad: jnp.sum(fn(jlora.merge(params, ad), x)))(ad)
+  assert rel_err(g["v"].b, want["v"].b) < 1e-5          # the custom rule's factor 2 kept
+  plain = jax.grad(lambda ad: jnp.sum(jlora.merge(params, ad)["v"].sum() * 0 + (
+      jnp.tanh(x @ jlora.merge(params, ad)["w"]) @ jlora.merge(params, ad)["v"]).sum()))(ad)
+  assert rel_err(g["v"].b, plain["v"].b) > 0.5
+
+
+def test_shard_map_over_eight_devices(rng):
+  """A row-parallel matmul inside shard_map (psum after it): the factors get
+  the weight's partition specs on their own axes."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((4, 2), ("x", "y"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  params = {"w": jnp.asarray(rng.normal(size=(8, 6)) * 0.3, jnp.float32)}
+
+  def fn(p, x):
+    body = lambda w, x: jax.lax.psum(x @ w, "x")
+    return jax.shard_map(body, mesh=mesh, in_specs=(P("x", "y"), P(None, "x")),
+                         out_specs=P(None, "y"))(p["w"], x)
+  x = _x(3, 8)
+  _check(fn, params, (x,), rng=rng)
+  ad = randomized(jlora.init_adapter(jax.random.key(0), params, jlora.LoraConfig(rank=2),
+                                     model=fn, args=(x,)), rng)
+  w = jax.device_put(params["w"], NamedSharding(mesh, P("x", "y")))
+  got = jax.jit(lambda w, ad: jlora.adapt(fn, {"w": w}, ad)(x))(w, ad)
+  assert rel_err(got, fn(jlora.merge(params, ad), x)) < TOL
+
+
+def test_a_layer_stack_indexed_in_a_python_loop_and_vmapped(rng):
+  """``w[i]`` of a stacked weight slices the adapter too; a vmapped stack is a
+  matmul batched over the layer axis."""
+  params = {"w": jnp.asarray(rng.normal(size=(3, 4, 4)) * 0.4, jnp.float32)}
+  loop = lambda p, x: jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["w"][i]), x)
+  unrolled = lambda p, x: [x := jnp.tanh(x @ p["w"][i]) for i in range(3)][-1]
+  # vmapped over the stack and its inputs: a matmul batched over the layer axis
+  vmapped = lambda p, x: jax.vmap(lambda w, x: x @ w)(p["w"], jnp.stack([x, -x, 2 * x]))
+  for fn in (loop, unrolled, vmapped):
+    ad = _check(fn, params, (_x(2, 4),), rng=rng)
+    assert ad["w"].stack == 1
+
+
+def test_lora_dropout_in_a_scanned_stack(rng):
+  """Each stacked layer draws its own mask; a key makes it deterministic."""
+  params = {"w": jnp.asarray(rng.normal(size=(3, 16, 16)) * 0.1, jnp.float32)}
+  fn = lambda p, x: jax.lax.scan(lambda h, w: (h @ w, None), x, p["w"])[0]
+  x = _x(64, 16)
+  cfg = jlora.LoraConfig(rank=4, dropout=0.5, targets=".*")
+  ad = randomized(jlora.init_adapter(jax.random.key(0), params, cfg, model=fn, args=(x,)), rng)
+  run = jax.jit(lambda key: jlora.adapt(fn, params, ad, dropout_rng=key)(x))
+  a, b, c = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
+  np.testing.assert_array_equal(a, b)
+  assert rel_err(a, c) > 1e-3
+  no_drop = jlora.adapt(fn, params, ad)(x)
+  assert rel_err(a, no_drop) > 1e-3 and rel_err(no_drop, fn(jlora.merge(params, ad), x)) < TOL

@@ -282,7 +282,7 @@ def _shard_map(eqn, invals):
       spec = _weight_specs(x, spec)
     args.append(x)
     specs.append(spec)
-  fun = lambda *a: _plain_outputs(run(p["jaxpr"], (), a))
+  fun = lambda *a: tuple(_plain_outputs(run(p["jaxpr"], (), a)))
   kw = dict(mesh=p["mesh"], in_specs=tuple(specs), out_specs=tuple(p["out_specs"]))
   if "check_vma" in p:
     kw["check_vma"] = p["check_vma"]
@@ -312,6 +312,12 @@ def _weight_specs(w: Weight, spec):
 
 
 def _custom(eqn, invals):
+  """The merged weight at the boundary keeps the function's own derivative rule;
+  while learning, the uses inside are recorded."""
+  if any(isinstance(x, Weight) and x.recording for x in invals):
+    closed = eqn.params["call_jaxpr"]
+    return _plain_outputs(run(getattr(closed, "jaxpr", closed), getattr(closed, "consts", ()),
+                              invals))
   return _bind(eqn, _materialized(invals))
 
 
