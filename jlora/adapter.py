@@ -22,13 +22,19 @@ from jlora.quant import merge as quant_merge
 from jlora.quant.qarray import QArray
 
 
+def is_adapter_node(x: Any) -> bool:
+  """A LoRA, or another adapter node (a class with ``_jlora_adapter = True``, e.g.
+  IA³ in ``jlora.methods``) that the transformation applies at a weight's uses."""
+  return isinstance(x, L.LoRA) or getattr(type(x), "_jlora_adapter", False)
+
+
 def loras(adapter: Any) -> dict[str, L.LoRA]:
-  """``{path: LoRA}`` for every LoRA node in ``adapter``."""
+  """``{path: node}`` for every adapter node (LoRA and other kinds) in ``adapter``."""
   flat = paths.flatten(adapter)
-  bad = [p for p, v in flat.items() if not isinstance(v, L.LoRA) and v is not None]
+  bad = [p for p, v in flat.items() if not is_adapter_node(v) and v is not None]
   if bad:
-    raise ValueError(f"not an adapter: leaf at {bad[0]!r} is a {type(flat[bad[0]]).__name__}, "
-                     "expected a jlora LoRA node")
+    raise AdapterError(f"not an adapter: leaf at {bad[0]!r} is a {type(flat[bad[0]]).__name__}, "
+                       "expected a jlora LoRA node")
   return {p: v for p, v in flat.items() if v is not None}
 
 
@@ -134,8 +140,15 @@ def _pair(params: Any, adapter: Any, what: str) -> tuple[dict[str, L.LoRA], dict
   for p, lo in ads.items():
     if p not in flat:
       raise ValueError(f"{what}: adapter path {p!r} is not in the base tree")
-    L.check_weight(_shape(flat[p]), lo, p)
+    _check_fits(_shape(flat[p]), lo, p)
   return ads, flat
+
+
+def _check_fits(shape, node, path: str) -> None:
+  if isinstance(node, L.LoRA):
+    L.check_weight(shape, node, path)
+  else:
+    node.check_weight(shape, path)
 
 
 def merge(params: Any, adapter: Any, *, report: bool = False) -> Any:
@@ -178,6 +191,8 @@ def unmerge(params: Any, adapter: Any, *, report: bool = False) -> Any:
 
 def _merge_one(w, lo: L.LoRA, p: str, errors: dict, subtract: bool):
   """Merges (or unmerges) one weight; a QArray is re-quantized and its error kept in ``errors``."""
+  if not isinstance(lo, L.LoRA):
+    return lo.merge_into(w, p, subtract=subtract)     # another adapter kind
   if isinstance(w, QArray):
     w, errors[p] = quant_merge.merge_weight(w, lo, subtract=subtract, path=p)
     return w

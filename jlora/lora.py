@@ -63,6 +63,7 @@ class LoRA:
   b: jax.Array
   magnitude: jax.Array | None = None
   _jlora_node = True  # a leaf for jlora's tree functions (see paths.is_node)
+  FIELDS = {"a": "SIr", "b": "SrO", "magnitude": "SO"}   # array layouts (transform/weight.py)
   alpha: float = dataclasses.field(default=1.0, metadata=dict(static=True))
   rank: int | None = dataclasses.field(default=None, metadata=dict(static=True))
   in_axes: tuple[int, ...] = dataclasses.field(default=(0,), metadata=dict(static=True))

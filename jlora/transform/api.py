@@ -36,6 +36,11 @@ def _loras(adapter) -> dict[str, L.LoRA]:
   return loras(adapter) if adapter is not None else {}
 
 
+def _check_fits(shape, node, path):
+  from jlora.adapter import _check_fits as check
+  check(shape, node, path)
+
+
 def slots(flat: Mapping[str, Any], adapter: Any, where: str = "the params tree"):
   """``{path: LoRA or None}``: each adapted leaf of ``flat`` and each quantized one.
 
@@ -47,7 +52,7 @@ def slots(flat: Mapping[str, Any], adapter: Any, where: str = "the params tree")
     if p not in flat:
       some = ", ".join(list(flat)[:4])
       raise AdapterError(f"adapter path {p!r} is not in {where} (it has e.g. {some})")
-    L.check_weight(tuple(flat[p].shape), lo, p)
+    _check_fits(tuple(flat[p].shape), lo, p)
   out: dict[str, L.LoRA | None] = {p: None for p, w in flat.items() if W.is_quantized(w)}
   out.update(ads)
   return out

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jlora import lora as L
 from jlora.transform import weight as W
 from jlora.transform.weight import Weight
 
@@ -96,6 +97,9 @@ def dot_general(params, lhs, rhs, use: int):
     return y
   if w.lora is None:
     return y
+  if not isinstance(w.lora, L.LoRA):
+    hook = getattr(w.lora, "on_dot", None)
+    return None if hook is None else hook(DotSite(params, w, x, y, w_lhs, run, use))
   kinds_c = {w.roles[d][0] for d in wc}
   if {w.roles[d][0] for d in wb} - {"s"} or w.count("s") != len(wb):
     return None
@@ -153,7 +157,7 @@ def _gain_on_output(w: Weight, g, wb, free, nb, nxf, w_lhs):
 
 def _dropout_input(x, w: Weight, use: int, x_batch=(), key_axes=()):
   """``x`` with LoRA dropout; stacked keys ``[*S]`` pair with x's batch axes."""
-  rate = w.lora.dropout if w.lora is not None else 0.0
+  rate = getattr(w.lora, "dropout", 0.0)
   if w.key is None or rate == 0.0:
     return x
   if not w.key.shape:
@@ -182,6 +186,8 @@ def conv(params, lhs, rhs, use: int):
 
   y = base_call(w, run, lhs)
   o_axis = rhs_spec[0]
+  if w.lora is not None and not isinstance(w.lora, L.LoRA) and not w.recording:
+    return None
   if w.recording:
     ins = [d for d in range(w.ndim) if d != o_axis]
     record(w, dict(op="conv", contract=_stored(w, ins), free=_stored(w, [o_axis]), batch=(),
@@ -236,6 +242,8 @@ def gather(params, operand, indices, use: int):
     return y
   if w.lora is None:
     return y
+  if not isinstance(w.lora, L.LoRA):
+    return None
   sizes = params["slice_sizes"]
   ins = [d for d in range(w.ndim) if w.roles[d][0] == "i"]
   outs = [d for d in range(w.ndim) if w.roles[d][0] == "o"]
@@ -268,3 +276,74 @@ def gather(params, operand, indices, use: int):
       shape[pos] = gv.shape[k]
     gain_out = gv.reshape(shape)
   return _combine(w, y, u, gain_out, None)
+
+
+class DotSite:
+  """One matmul use of a weight, as an adapter node other than LoRA sees it.
+
+  A node class with ``on_dot(site) -> y`` changes the matmul's output (IA³
+  scales it, a bottleneck adapter adds a function of it; see
+  ``jlora.methods``). The site lays the node's per-feature arrays onto the
+  output or the input of this use:
+
+    site.y, site.x           the base output and the other operand
+    site.on_output(v)        v: [*S, *O] broadcast onto y (1 elsewhere)
+    site.on_input(v)         v: [*S, *I] broadcast onto x
+    site.features(z)         z (shaped like y) as [..., ∏O] with the output axes last
+    site.unfeatures(f)       the inverse of ``features``
+    site.base(x2)            the base matmul of another input (x2 shaped like x)
+  """
+
+  def __init__(self, params, w: Weight, x, y, w_lhs: bool, run, use: int):
+    self.params, self.w, self.x, self.y, self.w_lhs, self._run, self.use = (
+        params, w, x, y, w_lhs, run, use)
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    self.wc, self.xc, self.wb, self.xb = (lc, rc, lb, rb) if w_lhs else (rc, lc, rb, lb)
+    self.free = [d for d in range(w.ndim) if d not in self.wc and d not in self.wb]
+    self.nb = len(self.xb)
+    self.nxf = x.ndim - len(self.xc) - len(self.xb)
+    self.ok = (all(w.roles[d][0] == "o" for d in self.free)
+               and all(w.roles[d][0] == "i" for d in self.wc)
+               and all(w.roles[d][0] == "s" for d in self.wb) and w.count("s") == len(self.wb))
+
+  def _y_positions(self):
+    """The positions on y of (W's batch axes in S order, W's free axes in O order)."""
+    nb, nxf = self.nb, self.nxf
+    s_pos = {self.w.roles[d][1]: k for k, d in enumerate(self.wb)}
+    start = nb if self.w_lhs else nb + nxf
+    o_pos = {self.w.roles[d][1]: start + k for k, d in enumerate(self.free)}
+    return [s_pos[j] for j in range(len(s_pos))], [o_pos[j] for j in range(len(o_pos))]
+
+  def on_output(self, v):
+    s_pos, o_pos = self._y_positions()
+    return _place(v, s_pos + o_pos, self.y.shape)
+
+  def on_input(self, v):
+    s_pos = [self.xb[[self.w.roles[d][1] for d in self.wb].index(j)] for j in range(len(self.wb))]
+    i_of = {self.w.roles[d][1]: self.xc[k] for k, d in enumerate(self.wc)}
+    return _place(v, s_pos + [i_of[j] for j in range(len(i_of))], self.x.shape)
+
+  def features(self, z):
+    _, o_pos = self._y_positions()
+    moved = jnp.moveaxis(z, o_pos, list(range(z.ndim - len(o_pos), z.ndim)))
+    self._moved_shape = moved.shape
+    return moved.reshape(moved.shape[:z.ndim - len(o_pos)] + (-1,))
+
+  def unfeatures(self, f):
+    _, o_pos = self._y_positions()
+    n = len(o_pos)
+    z = f.reshape(self._moved_shape)
+    return jnp.moveaxis(z, list(range(z.ndim - n, z.ndim)), o_pos)
+
+  def base(self, x2):
+    return base_call(self.w, self._run, x2)
+
+
+def _place(v, positions, shape):
+  """``v`` (its axes going to ``positions`` of an array of ``shape``) broadcastable there."""
+  order = sorted(range(len(positions)), key=lambda k: positions[k])
+  v = jnp.transpose(v, order)
+  out = [1] * len(shape)
+  for k in order:
+    out[positions[k]] = shape[positions[k]]
+  return v.reshape(out)

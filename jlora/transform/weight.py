@@ -92,15 +92,15 @@ def create(base: Any, lora: L.LoRA | None, path: str, key: jax.Array | None = No
     roles = tuple(("o", j) for j in range(len(shape)))   # no factors: roles unused
     return Weight(base, None, None, shape, dtype, roles, path)
   s = lora.stack
-  roles = [None] * len(shape)
+  roles = [None] * len(shape)   # lora: a LoRA, or another adapter node with the same axes fields
   for j in range(s):
     roles[j] = ("s", j)
   for j, ax in enumerate(lora.in_axes):
     roles[s + ax] = ("i", j)
   for j, ax in enumerate(lora.out_axes):
     roles[s + ax] = ("o", j)
-  if key is not None and lora.dropout > 0:
-    stack = lora.stack_dims
+  if key is not None and getattr(lora, "dropout", 0.0) > 0:
+    stack = tuple(shape[:s])
     key = jax.random.split(key, math.prod(stack)).reshape(stack) if stack else key
   else:
     key = None
@@ -189,6 +189,8 @@ def materialize(x: Any) -> Any:
   view = plain(x)
   if x.lora is None:
     return view
+  if not isinstance(x.lora, L.LoRA):
+    return x.lora.merged(view, x)         # another adapter kind (see jlora.methods)
   f32 = jnp.promote_types(view.dtype, jnp.float32)
   merged = view.astype(f32) + delta(x, f32)
   if x.lora.magnitude is not None:
@@ -203,7 +205,7 @@ def dropout(x: jax.Array, w: Weight, use: int) -> jax.Array:
   masks); for a stacked weight that a matmul batches over, the caller uses
   :func:`dropout_batched`.
   """
-  rate = w.lora.dropout if w.lora is not None else 0.0
+  rate = getattr(w.lora, "dropout", 0.0)
   if w.key is None or rate == 0.0:
     return x
   if w.key.shape:
@@ -220,32 +222,52 @@ def _after_removal(roles, kind, removed: int):
   return tuple((k, j - 1) if k == kind and j > removed else (k, j) for k, j in roles)
 
 
-def _factor_axis(w: Weight, role: Role) -> dict[str, int]:
-  """Which axis of a, b, magnitude, key carries ``role``."""
-  kind, j = role
-  ns = w.count("s")
-  if kind == "s":
-    return {"a": j, "b": j, "magnitude": j, "key": j}
-  if kind == "i":
-    return {"a": ns + j}
-  return {"b": ns + 1 + j, "magnitude": ns + j}
+def field_axis(template: str, counts: dict, role: Role) -> int | None:
+  """Position of ``role`` in an adapter array laid out by ``template``.
+
+  A node class declares its arrays' layouts in ``FIELDS``: "S", "I", "O" stand
+  for all stacked, input and output axes (in the node's order), any other
+  letter for one axis of its own (LoRA: ``{"a": "SIr", "b": "SrO",
+  "magnitude": "SO"}``).
+
+  Example:
+    >>> field_axis("SrO", {"S": 1, "I": 2, "O": 1}, ("o", 0))
+    2
+  """
+  pos = 0
+  want = role[0].upper()
+  for t in template:
+    n = counts.get(t, 1)
+    if t == want:
+      return pos + role[1]
+    pos += n
+  return None
 
 
-def _map_factors(w: Weight, role: Role, fn) -> tuple[L.LoRA | None, Any]:
-  """Applies ``fn(array, axis)`` to every factor carrying ``role``."""
-  lo, key = w.lora, w.key
-  if lo is None:
-    return lo, key
-  axes = _factor_axis(w, role)
+def _counts(w: Weight) -> dict:
+  return {"S": w.count("s"), "I": w.count("i"), "O": w.count("o")}
+
+
+def _fields(node) -> dict:
+  return getattr(type(node), "FIELDS", {})
+
+
+def _map_factors(w: Weight, role: Role, fn) -> tuple[Any, Any]:
+  """Applies ``fn(array, axis)`` to every adapter array (and dropout key) carrying ``role``."""
+  node, key = w.lora, w.key
+  if node is None:
+    return node, key
+  counts = _counts(w)
   new = {}
-  for name in ("a", "b", "magnitude"):
-    v = getattr(lo, name)
-    if v is not None and name in axes:
-      new[name] = fn(v, axes[name])
-  lo = lo.replace(**new)
-  if key is not None and "key" in axes:
-    key = fn(key, axes["key"])
-  return lo, key
+  for name, template in _fields(node).items():
+    v = getattr(node, name)
+    ax = field_axis(template, counts, role)
+    if v is not None and ax is not None:
+      new[name] = fn(v, ax)
+  node = node.replace(**new)
+  if key is not None and role[0] == "s":
+    key = fn(key, role[1])
+  return node, key
 
 
 def convert(w: Weight, new_dtype) -> Weight | None:
@@ -399,19 +421,16 @@ def _reshape_groups(old, new):
   return groups if i == len(old) and j == len(new) else None
 
 
-def _reshape_factor_run(lora: L.LoRA, w: Weight, kind: str, first: int, n_old: int, sizes):
-  ns = w.count("s")
-  if kind == "i":
-    a = lora.a
-    at = ns + first
-    return lora.replace(a=a.reshape(a.shape[:at] + tuple(sizes) + a.shape[at + n_old:]))
-  b, m = lora.b, lora.magnitude
-  at = ns + 1 + first
-  b = b.reshape(b.shape[:at] + tuple(sizes) + b.shape[at + n_old:])
-  if m is not None:
-    at = ns + first
-    m = m.reshape(m.shape[:at] + tuple(sizes) + m.shape[at + n_old:])
-  return lora.replace(b=b, magnitude=m)
+def _reshape_factor_run(node, w: Weight, kind: str, first: int, n_old: int, sizes):
+  """The adapter arrays with the run of ``kind`` axes ``first..first+n_old`` reshaped."""
+  counts = _counts(w)
+  new = {}
+  for name, template in _fields(node).items():
+    v = getattr(node, name)
+    at = field_axis(template, counts, (kind, first))
+    if v is not None and at is not None:
+      new[name] = v.reshape(v.shape[:at] + tuple(sizes) + v.shape[at + n_old:])
+  return node.replace(**new)
 
 
 def _renumber(roles):
