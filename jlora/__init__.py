@@ -9,6 +9,7 @@ from jlora.adapter import combine, count_params, delta, merge, negate, scale, un
 from jlora.quant import QArray, dequantize, nbytes, quantize
 from jlora.flax import apply, init_adapter
 from jlora.transform import adapt
+from jlora.bank import AdapterBank
 from jlora.checkpoint import restore, save
 from jlora import interop
 from jlora.interop import peft
@@ -18,7 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "JloraError", "ConfigError", "AdapterError", "CheckpointError", "FormatError",
     "ALL_LINEAR", "LoraConfig", "LoRA",
-    "init_adapter", "apply", "adapt",
+    "init_adapter", "apply", "adapt", "AdapterBank",
     "merge", "unmerge", "delta", "scale", "negate", "combine", "count_params",
     "QArray", "quantize", "dequantize", "nbytes",
     "save", "restore",

@@ -125,7 +125,8 @@ def init_adapter(key: jax.Array, params: Any, cfg: LoraConfig, *, model=None, ar
   return _adapter.init_adapter(key, params, cfg, layers=infos, return_base=return_base)
 
 
-def apply(model, variables, adapter, *args, rngs=None, dropout_rng=None, **kwargs):
+def apply(model, variables, adapter, *args, rngs=None, dropout_rng=None, adapter_ids=None,
+          **kwargs):
   """Runs ``model`` with ``adapter`` added to every use of each adapted weight, unmerged.
 
   Each matmul on an adapted weight computes ``x·W + scale · (drop(x)·a)·b``
@@ -141,12 +142,15 @@ def apply(model, variables, adapter, *args, rngs=None, dropout_rng=None, **kwarg
       :func:`jlora.flax.nnx.apply`); or any function ``fn(params, *args)``
       (then ``variables`` is ``params``).
     variables: Linen variables ``{"params": params, ...}``.
-    adapter: the adapter tree (``LoRA`` nodes at weight paths) or None.
+    adapter: the adapter tree (``LoRA`` nodes at weight paths), a
+      :class:`jlora.AdapterBank` (with ``adapter_ids``), or None.
     *args: the model's inputs.
     rngs: the model's own rngs (Linen ``model.apply(rngs=...)``); a
       ``"dropout"`` key there also drives LoRA dropout unless ``dropout_rng``
       is given. For an NNX model it is passed to the model's call.
     dropout_rng: a PRNG key for LoRA dropout (``LoraConfig.dropout``).
+    adapter_ids: with a bank, each example's slot ``[batch]`` (or each
+      token's, ``[batch, seq]``); ``-1`` (``jlora.bank.BASE``) is the base alone.
     **kwargs: passed to ``model.apply`` (``method``, ``mutable`` included) or
       to the model's call.
 
@@ -166,6 +170,7 @@ def apply(model, variables, adapter, *args, rngs=None, dropout_rng=None, **kwarg
     >>> apply(model, {"params": params}, ad, x).shape
     (2, 8)
   """
+  adapter = _bound(adapter, adapter_ids)
   if _is_nnx(model):
     from jlora.flax import nnx as _nnx
     if rngs is not None:
@@ -188,6 +193,17 @@ def apply(model, variables, adapter, *args, rngs=None, dropout_rng=None, **kwarg
   others = {k: v for k, v in variables.items() if k != "params"}
   fn = _linen_fn(model, others, method, rngs, mutable)
   return adapt(fn, variables["params"], adapter, dropout_rng=dropout_rng)(*args, **kwargs)
+
+
+def _bound(adapter, adapter_ids):
+  from jlora.bank import AdapterBank
+  if isinstance(adapter, AdapterBank):
+    if adapter_ids is None:
+      raise AdapterError("jlora.apply: an AdapterBank needs adapter_ids (each example's slot)")
+    return adapter.bind(adapter_ids)
+  if adapter_ids is not None:
+    raise AdapterError("jlora.apply: adapter_ids need an AdapterBank as the adapter")
+  return adapter
 
 
 __all__ = ["init_adapter", "apply", "learn_layers"]

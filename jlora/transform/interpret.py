@@ -198,8 +198,9 @@ def _scan(eqn, invals):
     if isinstance(x, Weight):
       x = _scannable(x)
     if isinstance(x, Weight):
-      sliced.append((x.base, x.lora, x.key))
-      rebuild.append(_after_scan_slice(x))
+      parts, again = _scan_parts(x)
+      sliced.append(parts)
+      rebuild.append(again)
     else:
       sliced.append(x)
       rebuild.append(None)
@@ -227,21 +228,36 @@ def _scannable(w: Weight) -> Weight | Any:
   return w
 
 
-def _after_scan_slice(w: Weight):
-  """Rebuilds the per-iteration Weight from the scan's slices of its arrays."""
+def _scan_parts(w: Weight):
+  """``(arrays to slice, rebuild)``: the base, the adapter arrays that carry the
+  first stacked axis (moved to the front) and the dropout keys go through the
+  scan; arrays without a stacked axis (a bank's per-slot scales, its ids) stay
+  in ``w`` and are closed over."""
   role = w.roles[0]
   roles = w.roles[1:]
   dropped = w.dropped
+  fields = {}
   if w.recording:
     dropped = dropped + role[1]
   elif w.lora is not None:
     roles = tuple((k, j - 1) if k == "s" else (k, j) for k, j in roles)
+    counts = {"S": w.count("s"), "I": w.count("i"), "O": w.count("o")}
+    for name, template in getattr(type(w.lora), "FIELDS", {}).items():
+      v = getattr(w.lora, name)
+      ax = W.field_axis(template, counts, ("s", 0))
+      if v is not None and ax is not None:
+        fields[name] = jnp.moveaxis(v, ax, 0)
   shape = w.shape[1:]
 
   def rebuild(parts):
-    base, lora, key = parts
-    return w.replace(base=base, lora=lora, key=key, shape=shape, roles=roles, dropped=dropped)
-  return rebuild
+    base, arrays, key = parts
+    node = w.lora
+    if node is not None and arrays:
+      # each array had its first stacked axis moved to the front and sliced
+      # away, so its other axes are in the node's layout again
+      node = node.replace(**arrays)
+    return w.replace(base=base, lora=node, key=key, shape=shape, roles=roles, dropped=dropped)
+  return (w.base, fields, w.key), rebuild
 
 
 def _cond(eqn, invals):

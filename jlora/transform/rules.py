@@ -187,7 +187,8 @@ def conv(params, lhs, rhs, use: int):
   y = base_call(w, run, lhs)
   o_axis = rhs_spec[0]
   if w.lora is not None and not isinstance(w.lora, L.LoRA) and not w.recording:
-    return None
+    hook = getattr(w.lora, "on_conv", None)
+    return None if hook is None else hook(w, params, lhs, y)
   if w.recording:
     ins = [d for d in range(w.ndim) if d != o_axis]
     record(w, dict(op="conv", contract=_stored(w, ins), free=_stored(w, [o_axis]), batch=(),
@@ -243,7 +244,8 @@ def gather(params, operand, indices, use: int):
   if w.lora is None:
     return y
   if not isinstance(w.lora, L.LoRA):
-    return None
+    hook = getattr(w.lora, "on_gather", None)
+    return None if hook is None else hook(w, params, indices, y)
   sizes = params["slice_sizes"]
   ins = [d for d in range(w.ndim) if w.roles[d][0] == "i"]
   outs = [d for d in range(w.ndim) if w.roles[d][0] == "o"]
