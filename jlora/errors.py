@@ -6,8 +6,22 @@ expected. Callers that caught ``ValueError`` before these existed keep working.
 from __future__ import annotations
 
 
+MAX_MESSAGE = 2000
+"""Longest message an error carries; longer ones keep their start and end."""
+
+
 class JloraError(ValueError):
-  """Base class of every error jlora raises for bad input."""
+  """Base class of every error jlora raises for bad input.
+
+  The message is cut to :data:`MAX_MESSAGE` characters (start and end kept),
+  so no file can make an error message arbitrarily long.
+  """
+
+  def __init__(self, message: str = "", *args):
+    message = str(message)
+    if len(message) > MAX_MESSAGE:
+      message = message[:MAX_MESSAGE * 2 // 3] + " … " + message[-(MAX_MESSAGE // 3 - 3):]
+    super().__init__(message, *args)
 
 
 class ConfigError(JloraError):

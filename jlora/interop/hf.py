@@ -31,6 +31,7 @@ from jlora.interop import safetensors_io as st
 from jlora.interop.hf_config import MODEL_TYPES, config_from_hf, config_to_hf
 from jlora.models.config import LlamaConfig
 from jlora.models.llama import Llama, abstract_params
+from jlora.errors import ConfigError, FormatError, short
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)   # buffers some old checkpoints saved
 
@@ -51,11 +52,11 @@ def hf_name(path: str, layer: int | None = None) -> str:
   *mods, leaf = path.split(paths.SEP)
   leaf = "bias" if leaf == "bias" else "weight"
   if not mods:
-    raise ValueError(f"hf_name: {path!r} is not a module/parameter path")
+    raise ConfigError(f"hf_name: {short(path)} is not a module/parameter path")
   head = mods[0]
   if head == "layers":
     if layer is None:
-      raise ValueError(f"hf_name: {path!r} is a scanned layer stack; pass layer=")
+      raise ConfigError(f"hf_name: {short(path)} is a scanned layer stack; pass layer=")
     mods = ["model", "layers", str(layer)] + mods[1:]
   elif head.startswith("layers_"):
     mods = ["model", "layers", head[len("layers_"):]] + mods[1:]
@@ -75,7 +76,7 @@ def flax_path(name: str, *, scan_layers: bool = False) -> tuple[str, int | None]
   """
   parts = name.split(".")
   if len(parts) < 2 or parts[-1] not in ("weight", "bias"):
-    raise ValueError(f"flax_path: {name!r} is not a '<module>.weight|bias' tensor name")
+    raise ConfigError(f"flax_path: {short(name)} is not a '<module>.weight|bias' tensor name")
   *mods, leaf = parts
   mods = mods[1:] if mods[0] == "model" else mods
   layer = None
@@ -179,13 +180,13 @@ def _check_names(ckpt: st.Checkpoint, plan: dict, config: LlamaConfig, directory
   expected = {n for names in plan.values() for n in names}
   missing = sorted(expected - ckpt.names)
   if missing:
-    raise ValueError(f"{directory}: the checkpoint lacks {len(missing)} tensor(s) that its "
+    raise FormatError(f"{directory}: the checkpoint lacks {len(missing)} tensor(s) that its "
                      f"config.json ({config.model_type}) needs, e.g. {missing[:4]}")
   def ignorable(n):
     return n.endswith(_IGNORED_SUFFIXES) or (config.tie_word_embeddings and n == "lm_head.weight")
   extra = sorted(n for n in ckpt.names - expected if not ignorable(n))
   if extra:
-    raise ValueError(f"{directory}: unexpected tensor(s) {extra[:4]} (in "
+    raise FormatError(f"{directory}: unexpected tensor(s) {extra[:4]} (in "
                      f"{ckpt.file_of(extra[0])}) that a {config.model_type} model with this "
                      "config.json does not have")
 
@@ -197,11 +198,11 @@ def _load(ckpt: st.Checkpoint, path: str, names: list[str], spec: jax.ShapeDtype
   want = layer_shape[::-1] if kernel else layer_shape
   for n in names:
     if ckpt.shape(n) != want:
-      raise ValueError(f"tensor {n!r} in {ckpt.file_of(n)} has shape {list(ckpt.shape(n))}, "
+      raise FormatError(f"tensor {short(n)} in {ckpt.file_of(n)} has shape {list(ckpt.shape(n))}, "
                        f"but config.json implies {list(want)} (jlora {path}: {list(layer_shape)}"
                        f"{' transposed' if kernel else ''})")
     if ckpt.dtype(n) not in st.FLOAT_DTYPES:
-      raise ValueError(f"tensor {n!r} in {ckpt.file_of(n)} has dtype {ckpt.dtype(n)}; only "
+      raise FormatError(f"tensor {short(n)} in {ckpt.file_of(n)} has dtype {ckpt.dtype(n)}; only "
                        f"floating-point weights {st.FLOAT_DTYPES} can be loaded")
 
   def fetch(name, index=None):   # index: per-layer slices in the jlora layout
@@ -253,7 +254,7 @@ def _placer(shardings: Any, boxed: Any, specs: dict) -> Callable[[str], Sharding
   flat = paths.flatten(shardings, is_leaf=lambda x: isinstance(x, Sharding) or x is None)
   absent = [p for p in specs if p not in flat]
   if absent:
-    raise ValueError(f"from_hf: shardings has no entry for {absent[:3]} (it must mirror the "
+    raise ConfigError(f"from_hf: shardings has no entry for {absent[:3]} (it must mirror the "
                      f"params tree, e.g. jlora.sharding.param_shardings(abstract_params(cfg), mesh))")
   return flat.get
 
@@ -297,11 +298,11 @@ def to_hf(directory: str | os.PathLike, config: LlamaConfig, params: Any, *,
   flat = paths.flatten(nn.unbox(params))
   missing, extra = sorted(set(specs) - set(flat)), sorted(set(flat) - set(specs))
   if missing or extra:
-    raise ValueError(f"to_hf: params do not match the config's model: missing {missing[:4]}, "
+    raise ConfigError(f"to_hf: params do not match the config's model: missing {missing[:4]}, "
                      f"unexpected {extra[:4]}")
   for p, spec in specs.items():
     if tuple(flat[p].shape) != tuple(spec.shape):
-      raise ValueError(f"to_hf: parameter {p!r} has shape {list(flat[p].shape)}, but the "
+      raise ConfigError(f"to_hf: parameter {p!r} has shape {list(flat[p].shape)}, but the "
                        f"config implies {list(spec.shape)}")
 
   def host(x):

@@ -27,6 +27,7 @@ import numpy as np
 from jlora.quant import codebooks as C
 from jlora.quant.blockwise import NESTED_BLOCK, num_blocks
 from jlora.quant.qarray import QArray
+from jlora.errors import FormatError, short
 
 STATE_KEY = ".quant_state.bitsandbytes__"
 BNB_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -62,20 +63,20 @@ def to_bnb(q: QArray, name: str = "weight") -> dict[str, np.ndarray]:
 
 def _check_exportable(q: QArray, name: str) -> None:
   if q.lead_shape:
-    raise ValueError(f"{name}: bitsandbytes stores one 2-D weight per tensor; this QArray has "
+    raise FormatError(f"{name}: bitsandbytes stores one 2-D weight per tensor; this QArray has "
                      f"shape {list(q.shape)} (export each q[i] of a stacked kernel separately)")
   if q.scheme not in C.BNB_SCHEMES:
-    raise ValueError(f"{name}: bitsandbytes 4-bit supports {C.BNB_SCHEMES}, not {q.scheme!r}")
+    raise FormatError(f"{name}: bitsandbytes 4-bit supports {C.BNB_SCHEMES}, not {q.scheme!r}")
   if q.block_size not in BNB_BLOCK_SIZES:
-    raise ValueError(f"{name}: bitsandbytes accepts block sizes {BNB_BLOCK_SIZES}, got {q.block_size}")
+    raise FormatError(f"{name}: bitsandbytes accepts block sizes {BNB_BLOCK_SIZES}, got {q.block_size}")
   if np.dtype(q.dtype).name not in BNB_DTYPES:
-    raise ValueError(f"{name}: bitsandbytes 4-bit weights are {BNB_DTYPES}, not {np.dtype(q.dtype)}")
+    raise FormatError(f"{name}: bitsandbytes 4-bit weights are {BNB_DTYPES}, not {np.dtype(q.dtype)}")
 
 
 def _state(tensors: Mapping[str, Any], name: str) -> tuple[str, dict]:
   keys = [k for k in tensors if k.startswith(name + STATE_KEY)]
   if len(keys) != 1:
-    raise ValueError(f"{name}: expected one '{name}{STATE_KEY}<nf4|fp4>' entry, found {keys}")
+    raise FormatError(f"{name}: expected one '{name}{STATE_KEY}<nf4|fp4>' entry, found {keys}")
   blob = np.ascontiguousarray(np.asarray(tensors[keys[0]]).astype(np.uint8)).tobytes()
   return keys[0], json.loads(blob.decode("utf-8"))
 
@@ -95,14 +96,14 @@ def from_bnb(tensors: Mapping[str, Any], name: str = "weight") -> QArray:
   _, st = _state(tensors, name)
   scheme, bs = st["quant_type"], int(st["blocksize"])
   if scheme not in C.BNB_SCHEMES or len(st["shape"]) != 2:
-    raise ValueError(f"{name}: unsupported bitsandbytes state {st}")
+    raise FormatError(f"{name}: unsupported bitsandbytes state {st}")
   if not _same(tensors[f"{name}.quant_map"], C.TABLES[scheme]):
-    raise ValueError(f"{name}: quant_map is not bitsandbytes' {scheme} table")
+    raise FormatError(f"{name}: quant_map is not bitsandbytes' {scheme} table")
   out_f, in_f = (int(d) for d in st["shape"])
   n, nb = out_f * in_f, num_blocks(out_f * in_f, bs)
   packed = np.ascontiguousarray(np.asarray(tensors[name])).view(np.uint8).reshape(-1)
   if packed.size != (n + 1) // 2:
-    raise ValueError(f"{name}: packed weight has {packed.size} bytes, expected {(n + 1) // 2} "
+    raise FormatError(f"{name}: packed weight has {packed.size} bytes, expected {(n + 1) // 2} "
                      f"for shape {[out_f, in_f]}")
   zero = int(np.argmin(np.abs(C.TABLES[scheme])))      # pad with the code of 0, as quantizing does
   codes = np.full(nb * bs // 2, (zero << 4) | zero, np.uint8)
@@ -112,7 +113,7 @@ def from_bnb(tensors: Mapping[str, Any], name: str = "weight") -> QArray:
   if "nested_offset" in st:
     if int(st.get("nested_blocksize", NESTED_BLOCK)) != NESTED_BLOCK or \
         not _same(tensors[f"{name}.nested_quant_map"], C.dynamic_map()):
-      raise ValueError(f"{name}: nested quantization is not bitsandbytes' default (blocks of "
+      raise FormatError(f"{name}: nested quantization is not bitsandbytes' default (blocks of "
                        f"{NESTED_BLOCK}, dynamic map): {st}")
     nested = np.asarray(tensors[f"{name}.nested_absmax"], np.float32)
     offset = np.asarray(st["nested_offset"], np.float32)
