@@ -43,6 +43,23 @@ class FormatError(CheckpointError):
   JSON metadata that does not hold what it must."""
 
 
+class NonFiniteError(JloraError):
+  """A training step produced a NaN or Inf loss or gradient (``nonfinite="raise"``).
+
+  Attributes:
+    step: the step number (``TrainState.step``, or the call count of a plain step).
+    path: the first offending leaf: ``"loss"`` or an adapter path such as
+      ``"layers_0/attn/q_proj/kernel/a"``.
+    state: what the step returns unchanged (the update was not applied): a
+      ``TrainState``, or ``(adapter, opt_state)`` for a plain step; the buffers
+      passed in may have been donated, so continue from these.
+  """
+
+  def __init__(self, message: str, *, step: int, path: str, state):
+    super().__init__(message)
+    self.step, self.path, self.state = step, path, state
+
+
 def short(text: object, limit: int = 200) -> str:
   """``repr(text)`` cut to ``limit`` characters, for echoing untrusted names in messages.
 
