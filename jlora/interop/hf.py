@@ -154,13 +154,14 @@ def from_hf(directory: str | os.PathLike, dtype=jnp.float32, *, scan_layers: boo
   source = os.path.join(directory, "config.json")
   config = config_from_hf(st.read_json(source), dtype=dtype, scan_layers=scan_layers,
                           source=source)
-  boxed = abstract_params(config)
-  specs = paths.flatten(nn.unbox(boxed))
-  plan = {p: _names_of(p, config) for p in specs}
-  place = _placer(shardings, boxed, specs)
-  quantize = _quantizer(quantize)
-  np_dtype = np.dtype(dtype)
   with st.open_checkpoint(directory) as ckpt:
+    _check_sizes(ckpt, config, directory)    # before tracing a model of the declared size
+    boxed = abstract_params(config)
+    specs = paths.flatten(nn.unbox(boxed))
+    plan = {p: _names_of(p, config) for p in specs}
+    place = _placer(shardings, boxed, specs)
+    quantize = _quantizer(quantize)
+    np_dtype = np.dtype(dtype)
     _check_names(ckpt, plan, config, directory)
     n_tensors = sum(len(v) for v in plan.values())
     flat = {}
@@ -174,6 +175,24 @@ def _names_of(path: str, config: LlamaConfig) -> list[str]:
   if path.split(paths.SEP)[0] == "layers":
     return [hf_name(path, i) for i in range(config.num_hidden_layers)]
   return [hf_name(path)]
+
+
+def _check_sizes(ckpt: st.Checkpoint, config: LlamaConfig, directory: str) -> None:
+  """config.json's layer count and embedding size against the files' tensor names and shapes."""
+  layers = set()
+  for n in ckpt.names:
+    parts = n.split(".")
+    if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+      layers.add(int(parts[2]))
+  if layers != set(range(config.num_hidden_layers)):
+    raise FormatError(f"{directory}: config.json declares {config.num_hidden_layers} layers but "
+                      f"the checkpoint's tensors are for {len(layers)} "
+                      f"(layer indices {sorted(layers)[:4]}{' ...' if len(layers) > 4 else ''})")
+  embed = "model.embed_tokens.weight"
+  want = [config.vocab_size, config.hidden_size]
+  if embed in ckpt.names and list(ckpt.shape(embed)) != want:
+    raise FormatError(f"{directory}: config.json declares vocab_size x hidden_size = {want}, but "
+                      f"{embed} is {list(ckpt.shape(embed))}")
 
 
 def _check_names(ckpt: st.Checkpoint, plan: dict, config: LlamaConfig, directory: str) -> None:

@@ -5,6 +5,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from jlora.errors import ConfigError, short
 from jlora.models.config import ACTIVATIONS, LlamaConfig, RopeScaling
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -18,7 +19,8 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype=jnp.float32, scan_layers: boo
 
   Reads both the transformers 4 layout (``rope_theta``, ``rope_scaling``) and
   the transformers 5 one (``rope_parameters``). ``dtype`` becomes both the
-  parameter and the computation dtype.
+  parameter and the computation dtype. Any missing or malformed value is a
+  ConfigError naming ``source``.
 
   Example:
     >>> cfg = config_from_hf({"model_type": "llama", "vocab_size": 256, "hidden_size": 64,
@@ -27,21 +29,32 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype=jnp.float32, scan_layers: boo
     >>> cfg.head_size, cfg.rope_theta
     (16, 10000.0)
   """
+  try:
+    return _config_from_hf(hf, dtype=dtype, scan_layers=scan_layers, source=source)
+  except ConfigError:
+    raise
+  except (TypeError, ValueError, KeyError, ZeroDivisionError, OverflowError, AttributeError) as e:
+    raise ConfigError(f"{source}: a field has a value jlora cannot use ({type(e).__name__}: "
+                      f"{short(str(e), 200)})") from None
+
+
+def _config_from_hf(hf: Mapping[str, Any], *, dtype=jnp.float32, scan_layers: bool = False,
+                    source: str = "config.json") -> LlamaConfig:
   mt = hf.get("model_type")
   if mt not in MODEL_TYPES:
-    raise ValueError(f"{source}: model_type {mt!r} is not supported; jlora reads "
+    raise ConfigError(f"{source}: model_type {mt!r} is not supported; jlora reads "
                      f"{', '.join(MODEL_TYPES)}")
   if hf.get("quantization_config"):
-    raise ValueError(f"{source}: a pre-quantized checkpoint (quantization_config) cannot be "
+    raise ConfigError(f"{source}: a pre-quantized checkpoint (quantization_config) cannot be "
                      "loaded; load the full-precision weights and use from_hf(quantize=...)")
   need = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
           "num_attention_heads")
   missing = [k for k in need if hf.get(k) is None]
   if missing:
-    raise ValueError(f"{source}: missing required field(s) {missing}")
+    raise ConfigError(f"{source}: missing required field(s) {missing}")
   act = hf.get("hidden_act", "silu")
   if act not in ACTIVATIONS:
-    raise ValueError(f"{source}: hidden_act {act!r} is not supported ({sorted(ACTIVATIONS)})")
+    raise ConfigError(f"{source}: hidden_act {act!r} is not supported ({sorted(ACTIVATIONS)})")
   theta, scaling = _rope(hf, source)
   bias = bool(hf.get("attention_bias", False)) if mt == "llama" else False
   try:
@@ -61,17 +74,17 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype=jnp.float32, scan_layers: boo
         initializer_range=float(hf.get("initializer_range", 0.02)), model_type=mt,
         dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
   except (TypeError, ValueError) as e:
-    raise ValueError(f"{source}: {e}") from None
+    raise ConfigError(f"{source}: {e}") from None
 
 
 def _rope(hf: Mapping[str, Any], source: str) -> tuple[float, RopeScaling | None]:
   params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
   if not isinstance(params, Mapping):
-    raise ValueError(f"{source}: rope_parameters/rope_scaling must be an object, got {params!r}")
+    raise ConfigError(f"{source}: rope_parameters/rope_scaling must be an object, got {params!r}")
   theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
   kind = params.get("rope_type", params.get("type", "default"))
   if float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor") or 1.0)) != 1.0:
-    raise ValueError(f"{source}: partial_rotary_factor != 1 is not supported")
+    raise ConfigError(f"{source}: partial_rotary_factor != 1 is not supported")
   if kind == "default":
     return theta, None
   if kind == "linear":
@@ -83,7 +96,7 @@ def _rope(hf: Mapping[str, Any], source: str) -> tuple[float, RopeScaling | None
         high_freq_factor=float(params["high_freq_factor"]),
         original_max_position_embeddings=int(params.get(
             "original_max_position_embeddings", hf.get("max_position_embeddings", 8192))))
-  raise ValueError(f"{source}: rope type {kind!r} is not supported (default, linear, llama3)")
+  raise ConfigError(f"{source}: rope type {kind!r} is not supported (default, linear, llama3)")
 
 
 def _sliding_window(hf: Mapping[str, Any], mt: str, source: str) -> int | None:
@@ -100,7 +113,7 @@ def _sliding_window(hf: Mapping[str, Any], mt: str, source: str) -> int | None:
     return None
   if all(k == "sliding_attention" for k in kinds) and window is not None:
     return window
-  raise ValueError(f"{source}: layers mixing sliding-window and full attention "
+  raise ConfigError(f"{source}: layers mixing sliding-window and full attention "
                    f"(layer_types={kinds}) are not supported")
 
 
@@ -113,7 +126,7 @@ def config_to_hf(cfg: LlamaConfig, dtype: str = "float32") -> dict:
   """
   mt = cfg.model_type
   if mt not in MODEL_TYPES:
-    raise ValueError(f"config_to_hf: model_type {mt!r} is not one of {MODEL_TYPES}")
+    raise ConfigError(f"config_to_hf: model_type {mt!r} is not one of {MODEL_TYPES}")
   out = dict(
       architectures=[ARCHITECTURES[mt]], model_type=mt, vocab_size=cfg.vocab_size,
       hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -140,7 +153,7 @@ def _biases_to_hf(cfg: LlamaConfig, out: dict) -> None:
           "qwen2": biases == (True, False, False),
           "mistral": biases == (False, False, False)}[mt]
   if not fits:
-    raise ValueError(f"config_to_hf: model_type {mt!r} cannot express qkv_bias={cfg.qkv_bias}, "
+    raise ConfigError(f"config_to_hf: model_type {mt!r} cannot express qkv_bias={cfg.qkv_bias}, "
                      f"o_bias={cfg.o_bias}, mlp_bias={cfg.mlp_bias}, "
                      f"sliding_window={cfg.sliding_window}")
   if mt == "llama":
