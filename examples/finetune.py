@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     params, pre_losses = saved["params"], [float(x) for x in saved["losses"]]
   else:
     params, pre_losses = pretrain(model, params, args, rng)
-    jlora.save(base_dir, {"params": params, "losses": np.asarray(pre_losses, np.float64)})
+    jlora.save(base_dir, {"params": params, "losses": np.asarray(pre_losses, np.float32)})
   base = params
   if args.qlora:
     # every kernel but the output head (min_size=0: small ones too), as transformers does

@@ -259,6 +259,8 @@ def test_save_refuses_what_it_must_not_replace(tmp_path, rng):
 def test_save_rejects_unsupported_leaves(tmp_path):
   with pytest.raises(TypeError, match="'k'.*PRNG"):
     jlora.save(tmp_path / "a", {"k": jax.random.key(0)})
+  with pytest.raises(TypeError, match="'f64'.*float64 becomes float32 in JAX with jax_enable_x64 off"):
+    jlora.save(tmp_path / "b", {"f64": np.ones(3)})
   with pytest.raises(TypeError, match="dict keys must be strings"):
     jlora.save(tmp_path / "b", {"x": {1: jnp.ones(2)}})
   with pytest.raises(TypeError, match="'x/0'.*unsupported object"):

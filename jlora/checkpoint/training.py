@@ -137,8 +137,17 @@ class TrainCheckpointer:
     """The run's scalar metrics so far: ``{"step": [...], "loss": [...], ...}`` (a copy).
 
     Restored with a checkpoint, so after a resume it holds the steps before
-    it too; steps redone after a crash appear once.
+    it too; steps redone after a crash appear once. A checkpointer that has
+    recorded nothing yet reads it from the latest checkpoint.
     """
+    if not self._history and not self._pending and self.latest_step is not None:
+      try:
+        out = self._manager.restore(self.latest_step, args=self._ocp.args.Composite(
+            history=self._ocp.args.JsonRestore()))
+      except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"cannot read the history of step {self.latest_step} in "
+                              f"{short(self.directory)}: {short(str(err), 300)}") from None
+      self._history = {k: list(v) for k, v in (out["history"] or {}).items()}
     if self._pending:
       values = jax.device_get([m for _, m in self._pending])
       for (step, _), m in zip(self._pending, values):

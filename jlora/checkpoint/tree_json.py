@@ -71,6 +71,10 @@ def _encode_array(x, path: str, arrays: list | None) -> dict:
   if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
     raise TypeError(f"cannot save {path!r}: dtype {x.dtype} is not a plain array dtype "
                     "(for PRNG keys save jax.random.key_data(key))")
+  if jax.dtypes.canonicalize_dtype(x.dtype) != x.dtype:
+    raise TypeError(f"cannot save {path!r} bit-exactly: its dtype {np.dtype(x.dtype)} becomes "
+                    f"{jax.dtypes.canonicalize_dtype(x.dtype)} in JAX with jax_enable_x64 off; "
+                    "cast it first, or enable x64")
   arrays.append(x)
   return {"array": len(arrays) - 1, "shape": [int(d) for d in x.shape],
           "dtype": np.dtype(x.dtype).name, "crc32": crc32(x)}
