@@ -247,6 +247,11 @@ def compile(pattern: str, what: str = "pattern") -> Pattern:  # noqa: A001 (mirr
 
 
 def fullmatch(pattern: str | Pattern, text: str, what: str = "pattern") -> bool:
-  """Whether ``pattern`` matches all of ``text`` (as ``re.fullmatch``, in linear time)."""
+  """Whether ``pattern`` matches all of ``text`` (as ``re.fullmatch``, in linear time).
+
+  Example:
+    >>> fullmatch(r"layers\.\d+\.(q|v)_proj", "layers.12.v_proj")
+    True
+  """
   p = pattern if isinstance(pattern, Pattern) else compile(pattern, what)
   return p.fullmatch(text)
