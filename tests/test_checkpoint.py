@@ -446,6 +446,13 @@ def test_save_never_replaces_a_directory_it_did_not_write(tmp_path, rng):
   with pytest.raises(jlora.CheckpointError, match="besides a jlora checkpoint it holds 'notes.txt'"):
     jlora.save(tmp_path / "ck", tree)
   assert (tmp_path / "ck" / "notes.txt").read_text() == "keep me"
+  (tmp_path / "ck" / "notes.txt").unlink()
+  manifest = tmp_path / "ck" / "jlora.json"
+  manifest.write_text(manifest.read_text().replace('"shape"', '"shapes"'))   # damaged, but ours
+  with pytest.raises(jlora.FormatError, match="fails its checksum"):
+    jlora.restore(tmp_path / "ck")
+  jlora.save(tmp_path / "ck", tree)                            # may be replaced
+  assert_same_tree(jlora.restore(tmp_path / "ck"), tree)
   (tmp_path / "file").write_text("x")
   with pytest.raises(jlora.CheckpointError, match="cannot write .*file/ck'.*(File exists|Not a directory)"):
     jlora.save(tmp_path / "file" / "ck", tree)

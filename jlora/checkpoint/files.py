@@ -305,11 +305,18 @@ def save_id(directory: str) -> str | None:
 
 
 def owned_checkpoint(directory: str) -> str | None:
-  """None if ``directory`` holds a jlora checkpoint and nothing else, else why not."""
+  """None if ``directory`` holds a jlora checkpoint (even a damaged one) and nothing else."""
+  file = os.path.join(directory, MANIFEST)
   try:
-    read_manifest(directory)
-  except CheckpointError as err:
-    return f"it is not a jlora checkpoint ({err})"
+    if os.path.getsize(file) > MAX_MANIFEST_BYTES:
+      raise ValueError
+    with open(file, "rb") as f:
+      data = json.loads(f.read())
+  except (OSError, ValueError, RecursionError):
+    data = None
+  if not isinstance(data, dict) or data.get("format") != FORMAT:
+    return (f"it is not a jlora checkpoint (it has no {MANIFEST} that says format "
+            f"{FORMAT!r})")
   others = sorted(set(os.listdir(directory)) - {MANIFEST, ARRAYS})
   if others:
     return (f"besides a jlora checkpoint it holds {', '.join(short(e, 60) for e in others[:5])}"
