@@ -12,12 +12,19 @@
    to ``<out>/adapter``, and checks that the merged model gives the same
    logits as base + adapter.
 
+Fine-tuning checkpoints its whole state (adapter, optimizer, step, PRNG key,
+data position, loss curve) to ``<out>/run`` every ``--checkpoint-every``
+steps, asynchronously; after an interruption, ``--resume`` continues from the
+last complete checkpoint and ends with the same adapter and loss curve as an
+uninterrupted run.
+
 The data are generated from fixed seeds (training and held-out examples come
 from different seeds), so every run prints the same numbers on a given machine.
 
   python examples/finetune.py                 # LoRA, rank 2 on q_proj and v_proj
   python examples/finetune.py --qlora         # the same through an NF4 base
   python examples/finetune.py --rank 4 --targets q_proj,k_proj,v_proj,o_proj
+  python examples/finetune.py --resume        # continue an interrupted run in ./out
 """
 from __future__ import annotations
 
@@ -56,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--eval-size", type=int, default=512, help="held-out examples")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="out", help="output directory (default ./out)")
+  p.add_argument("--checkpoint-every", type=int, default=50,
+                 help="fine-tuning steps between checkpoints in <out>/run (default 50)")
+  p.add_argument("--resume", action="store_true",
+                 help="continue from the last checkpoint in <out>/run")
   return p.parse_args(argv)
 
 
@@ -84,12 +95,12 @@ def metrics(logits: jax.Array, batch: dict) -> dict:
           "sequence acc": jnp.all(right | ~mask, axis=1).mean()}
 
 
-def progress(n: int, desc: str):
+def progress(n: int, desc: str, start: int = 0):
   try:
     from tqdm import tqdm
-    return tqdm(range(n), desc=desc, dynamic_ncols=True)
+    return tqdm(range(start, n), desc=desc, dynamic_ncols=True, initial=start, total=n)
   except ImportError:  # tqdm is optional: pip install "jlora[examples]"
-    return range(n)
+    return range(start, n)
 
 
 def run(step, trainable, opt_state, base, task, steps, batch_size, rng, desc):
@@ -115,15 +126,33 @@ def pretrain(model, params, args, rng):
              args.pretrain_steps, args.batch_size, rng, "pre-train (all weights)")
 
 
-def finetune(model, base, adapter, args, rng):
-  """Trains only the adapter on the cipher task; ``base`` may be quantized."""
+def finetune(model, base, adapter, args):
+  """Trains only the adapter on the cipher task (``base`` may be quantized), with
+  checkpoints in ``<out>/run``; batch ``i`` depends only on ``i`` (and the seed),
+  so a resumed run sees the same data as an uninterrupted one."""
   def loss_fn(adapter, base, batch, key):
     return answer_loss(jlora.apply(model, {"params": base}, adapter, batch["ids"]), batch)
   schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, 20, max(args.steps, 21))
   opt = train.make_optimizer(schedule)
-  step = train.make_train_step(loss_fn, opt)
-  return run(step, adapter, train.init_train_state(adapter, opt), base, "cipher",
-             args.steps, args.batch_size, rng, "fine-tune (adapter only)")
+  step = train.make_state_step(loss_fn, opt)
+  ckpt = train.TrainCheckpointer(os.path.join(args.out, "run"), every=args.checkpoint_every,
+                                 keep=2, best="loss")
+  state = ckpt.resume(train.init_state(adapter, opt, rng=jax.random.key(args.seed + 2)))
+  if int(state.step):
+    print(f"resumed fine-tuning at step {int(state.step)} from {args.out}/run")
+  bar = progress(args.steps, "fine-tune (adapter only)", int(state.step))
+  for i in bar:
+    batch = make_batch(np.random.default_rng([args.seed, 1, int(state.data_position)]), "cipher",
+                       args.batch_size)
+    state, m = step(state, base, batch)
+    ckpt.save(state, m, force=i + 1 == args.steps)       # and always the last step
+    if i % 25 == 0 and hasattr(bar, "set_postfix"):
+      bar.set_postfix(loss=f"{float(m['loss']):.4f}")
+  losses = ckpt.history.get("loss", [])
+  ckpt.close()
+  if int(state.skipped):
+    print(f"{int(state.skipped)} updates skipped for a NaN/Inf loss or gradient")
+  return state.adapter, losses
 
 
 def plot(path: str, pre: list, fine: list) -> None:
@@ -157,6 +186,11 @@ def targets_of(spec: str):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  run_dir = os.path.join(args.out, "run")
+  if not args.resume and os.path.isdir(run_dir) and os.listdir(run_dir):
+    print(f"error: {run_dir} holds checkpoints of an earlier run; pass --resume to continue "
+          "it, or choose another --out", file=sys.stderr)
+    return 2
   os.makedirs(args.out, exist_ok=True)
   t0 = time.time()
   rng = np.random.default_rng(args.seed)
@@ -172,7 +206,13 @@ def main(argv=None) -> int:
   print(f"Llama: {jlora.count_params(params):,} parameters, {config.num_hidden_layers} layers, "
         f"hidden {config.hidden_size}")
 
-  params, pre_losses = pretrain(model, params, args, rng)
+  base_dir = os.path.abspath(os.path.join(args.out, "pretrained"))
+  if args.resume and os.path.isdir(base_dir):   # the base of the run being resumed
+    saved = jlora.restore(base_dir)
+    params, pre_losses = saved["params"], [float(x) for x in saved["losses"]]
+  else:
+    params, pre_losses = pretrain(model, params, args, rng)
+    jlora.save(base_dir, {"params": params, "losses": np.asarray(pre_losses, np.float32)})
   base = params
   if args.qlora:
     # every kernel but the output head (min_size=0: small ones too), as transformers does
@@ -196,7 +236,7 @@ def main(argv=None) -> int:
     return metrics(logits, batch)
 
   before = evaluate(base, adapter, held["cipher"])
-  adapter, fine_losses = finetune(model, base, adapter, args, rng)
+  adapter, fine_losses = finetune(model, base, adapter, args)
   rows = [("copy, base model", evaluate(base, None, held["copy"])),
           ("cipher, base model (before)", before),
           ("cipher, base + adapter (after)", evaluate(base, adapter, held["cipher"]))]

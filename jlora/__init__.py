@@ -2,7 +2,8 @@
 
 The public surface is ``__all__``; everything else is internal.
 """
-from jlora.errors import AdapterError, CheckpointError, ConfigError, FormatError, JloraError
+from jlora.errors import (AdapterError, CheckpointError, ConfigError, FormatError, JloraError,
+                          NonFiniteError)
 from jlora.config import ALL_LINEAR, LoraConfig
 from jlora.lora import LoRA
 from jlora.adapter import combine, count_params, delta, merge, negate, scale, unmerge
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "JloraError", "ConfigError", "AdapterError", "CheckpointError", "FormatError",
+    "NonFiniteError",
     "ALL_LINEAR", "LoraConfig", "LoRA",
     "init_adapter", "apply", "adapt", "AdapterBank",
     "merge", "unmerge", "delta", "scale", "negate", "combine", "count_params",

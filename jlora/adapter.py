@@ -17,7 +17,7 @@ from jlora import combining as C
 from jlora import lora as L
 from jlora import paths
 from jlora.config import LoraConfig, names_leaf
-from jlora.errors import AdapterError
+from jlora.errors import AdapterError, short
 from jlora.quant import merge as quant_merge
 from jlora.quant.qarray import QArray
 
@@ -193,6 +193,10 @@ def _merge_one(w, lo: L.LoRA, p: str, errors: dict, subtract: bool):
   """Merges (or unmerges) one weight; a QArray is re-quantized and its error kept in ``errors``."""
   if not isinstance(lo, L.LoRA):
     return lo.merge_into(w, p, subtract=subtract)     # another adapter kind
+  if not isinstance(w, QArray) and not jnp.issubdtype(w.dtype, jnp.floating):
+    raise AdapterError(f"{'unmerge' if subtract else 'merge'}: the base weight at {short(p)} has "
+                       f"dtype {w.dtype}; merging into it would round W + ΔW to integers. "
+                       "Dequantize or cast it to a float dtype first")
   if isinstance(w, QArray):
     w, errors[p] = quant_merge.merge_weight(w, lo, subtract=subtract, path=p)
     return w

@@ -1,7 +1,7 @@
 """The ``jlora`` command line: convert adapters between PEFT and jlora, inspect them.
 
   jlora convert SRC DST [--to jlora|peft] [--base HF_DIR] [--scan-layers]
-                        [--base-model-name NAME] [--task-type TYPE]
+                        [--base-model-name NAME] [--task-type TYPE] [--force]
   jlora inspect DIR
 
 ``convert`` reads a PEFT adapter directory (``adapter_config.json`` +
@@ -10,7 +10,12 @@ or the other way round; the direction follows from what SRC is (``--to``
 states it explicitly). ``--base`` names the Hugging Face model directory the
 adapter belongs to: with it the adapter is checked against the model's
 weights (and may target a scanned layer stack with ``--scan-layers``);
-without it the shapes come from the adapter file alone.
+without it the shapes come from the adapter file alone. An existing DST is
+replaced only with ``--force`` (and then atomically: a failed conversion
+leaves it as it was).
+
+Every user error (a missing or malformed file, an unwritable destination)
+ends the command with exit status 1 and one line on stderr.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ import argparse
 import os
 import sys
 from typing import Any, Sequence
+
+from jlora.errors import CheckpointError
 
 PEFT, JLORA = "peft", "jlora"
 
@@ -67,7 +74,7 @@ def _check_fits(adapter: Any, base: str, scan_layers: bool) -> None:
 
 def convert(src: str, dst: str, *, to: str | None = None, base: str | None = None,
             scan_layers: bool = False, base_model_name: str | None = None,
-            task_type: str | None = "CAUSAL_LM", out=None) -> None:
+            task_type: str | None = "CAUSAL_LM", force: bool = False, out=None) -> None:
   """Converts the adapter in ``src`` (PEFT or jlora) into the other format at ``dst``.
 
   Example:
@@ -84,6 +91,8 @@ def convert(src: str, dst: str, *, to: str | None = None, base: str | None = Non
   import jlora
   from jlora import adapter as adapter_lib
   out = out or sys.stdout
+  if os.path.lexists(dst) and not force:
+    raise CheckpointError(f"{dst} exists; pass --force to replace it")
   source = _kind_of(src)
   target = to or (JLORA if source == PEFT else PEFT)
   if target == source:
@@ -91,7 +100,7 @@ def convert(src: str, dst: str, *, to: str | None = None, base: str | None = Non
   if source == PEFT:
     adapter, cfg = _load_peft(src, base, scan_layers)
     print(f"read PEFT adapter {src}: {_summary(adapter)}", file=out)
-    jlora.save(dst, adapter)
+    jlora.save(dst, adapter, overwrite=force)
     print(f"wrote jlora adapter checkpoint {dst}", file=out)
   else:
     adapter = jlora.restore(src)
@@ -101,7 +110,7 @@ def convert(src: str, dst: str, *, to: str | None = None, base: str | None = Non
       _check_fits(adapter, base, scan_layers)
       print(f"checked against the model in {base}", file=out)
     jlora.peft.save(dst, adapter, None, task_type=task_type,
-                    base_model_name_or_path=base_model_name or base)
+                    base_model_name_or_path=base_model_name or base, overwrite=force)
     print(f"wrote PEFT adapter {dst} (adapter_config.json, adapter_model.safetensors)", file=out)
   _print_table(adapter, out)
 
@@ -173,6 +182,7 @@ def _parser() -> argparse.ArgumentParser:
                  help="PEFT -> jlora: stack per-layer weights under 'layers' (needs --base)")
   c.add_argument("--base-model-name", help="jlora -> PEFT: base_model_name_or_path to record")
   c.add_argument("--task-type", default="CAUSAL_LM", help="jlora -> PEFT: PEFT task_type")
+  c.add_argument("--force", action="store_true", help="replace DST if it exists")
   i = sub.add_parser("inspect", help="print an adapter's paths, shapes, ranks and size")
   i.add_argument("directory", help="a PEFT adapter directory or a jlora adapter checkpoint")
   return p
@@ -184,13 +194,26 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if args.command == "convert":
       convert(args.src, args.dst, to=args.to, base=args.base, scan_layers=args.scan_layers,
-              base_model_name=args.base_model_name, task_type=args.task_type)
+              base_model_name=args.base_model_name, task_type=args.task_type, force=args.force)
     elif args.command == "inspect":
       inspect(args.directory)
-  except (ValueError, FileNotFoundError, NotImplementedError) as e:
-    print(f"jlora {args.command}: error: {e}", file=sys.stderr)
+  except (ValueError, OSError, NotImplementedError) as e:
+    print(f"jlora {args.command}: error: {_one_line(e)}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    print(f"jlora {args.command}: interrupted", file=sys.stderr)
+    return 130
   return 0
+
+
+def _one_line(e: BaseException) -> str:
+  """The error as one bounded line (OSErrors: what failed and on which path)."""
+  if isinstance(e, OSError) and e.strerror:
+    text = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+  else:
+    text = str(e) or type(e).__name__
+  text = " ".join(text.split())
+  return text if len(text) <= 1000 else text[:997] + "..."
 
 
 if __name__ == "__main__":

@@ -145,7 +145,10 @@ def mix(deltas: Sequence[jax.Array], weights: jax.Array, method: str, *, stack: 
   tasks = jnp.stack(deltas)
   weighted = _weighted(tasks, weights)
   if method in ("ties", "dare_ties"):
-    return disjoint_merge(weighted, majority_sign(tasks, majority_sign_method), tasks)
+    merged = disjoint_merge(weighted, majority_sign(tasks, majority_sign_method), tasks)
+    # a NaN or Inf of any input poisons its entry, as in a plain sum: sign election
+    # and the agreement mask would otherwise drop it and return finite numbers.
+    return merged + 0 * weighted.sum(axis=0)
   return weighted.sum(axis=0)
 
 

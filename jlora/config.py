@@ -12,8 +12,10 @@ import re
 from typing import Mapping, Sequence
 
 import jax.numpy as jnp
+import numpy as np
 
 from jlora import paths
+from jlora.errors import ConfigError, short
 
 ALL_LINEAR = "all-linear"
 """``targets=ALL_LINEAR`` (the default) adapts every weight used as the matrix
@@ -35,10 +37,13 @@ HEAD_NAMES = ("lm_head", "head", "output", "classifier", "logits")
 
 
 def _compile(pattern: str, what: str) -> re.Pattern:
+  if not isinstance(pattern, str):
+    raise ConfigError(f"LoraConfig.{what}: a pattern must be a string, got {short(pattern, 60)}")
   try:
     return re.compile(pattern)
-  except re.error as e:
-    raise ValueError(f"LoraConfig.{what}: pattern {pattern!r} does not compile: {e}") from None
+  except (re.error, RecursionError, OverflowError) as e:
+    raise ConfigError(f"LoraConfig.{what}: pattern {short(pattern, 120)} does not compile: "
+                      f"{short(str(e), 120)}") from None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -93,21 +98,33 @@ class LoraConfig:
   def __post_init__(self):
     _check_rank(self.rank, "rank")
     _check_alpha(self.alpha, "alpha")
+    for field in ("rank_pattern", "alpha_pattern"):
+      if not isinstance(getattr(self, field), Mapping):
+        raise ConfigError(f"LoraConfig.{field} must be a mapping of pattern -> value, got "
+                          f"{short(getattr(self, field), 60)}")
     for k, r in self.rank_pattern.items():
-      _compile(k, "rank_pattern"); _check_rank(r, f"rank_pattern[{k!r}]")
+      _compile(k, "rank_pattern"); _check_rank(r, f"rank_pattern[{short(k, 60)}]")
     for k, a in self.alpha_pattern.items():
-      _compile(k, "alpha_pattern"); _check_alpha(a, f"alpha_pattern[{k!r}]")
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
-    if self.init not in INITS:
-      raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
-    if isinstance(self.targets, str):
-      if self.targets != ALL_LINEAR:
-        _compile(self.targets, "targets")
-    elif not self.targets:
-      raise ValueError("LoraConfig.targets is empty: nothing would be adapted")
-    if isinstance(self.exclude, str):
-      _compile(self.exclude, "exclude")
+      _compile(k, "alpha_pattern"); _check_alpha(a, f"alpha_pattern[{short(k, 60)}]")
+    if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) or \
+        not 0.0 <= self.dropout < 1.0:
+      raise ConfigError(f"LoraConfig.dropout must be in [0, 1), got "
+                        f"{short(self.dropout, 40)}")
+    for flag in ("use_rslora", "use_dora"):
+      if not isinstance(getattr(self, flag), (bool, np.bool_)):
+        raise ConfigError(f"LoraConfig.{flag} must be True or False, got "
+                          f"{short(getattr(self, flag), 40)}")
+    if not isinstance(self.init, str) or self.init not in INITS:
+      raise ConfigError(f"LoraConfig.init must be one of {INITS}, got {short(self.init, 40)}")
+    _check_names(self.targets, "targets", allow_empty=False)
+    if self.exclude is not None:
+      _check_names(self.exclude, "exclude", allow_empty=True)
+    try:
+      if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
+        raise TypeError
+    except TypeError:
+      raise ConfigError(f"LoraConfig.dtype must be a floating-point dtype, got "
+                        f"{short(self.dtype, 40)}") from None
 
   def __hash__(self):
     # hashable although patterns are dicts and targets may be a list, so a
@@ -220,9 +237,25 @@ def _frozen(x):
 
 def _check_rank(r, what):
   if not isinstance(r, numbers.Integral) or isinstance(r, bool) or r <= 0:
-    raise ValueError(f"LoraConfig.{what} must be a positive int, got {r!r}")
+    raise ConfigError(f"LoraConfig.{what} must be a positive int, got {short(r, 40)}")
 
 
 def _check_alpha(a, what):
   if not isinstance(a, numbers.Real) or isinstance(a, bool) or not a > 0:
-    raise ValueError(f"LoraConfig.{what} must be positive, got {a!r}")
+    raise ConfigError(f"LoraConfig.{what} must be positive, got {short(a, 40)}")
+  if not math.isfinite(a):
+    raise ConfigError(f"LoraConfig.{what} must be finite, got {short(a, 40)}")
+
+
+def _check_names(spec, what: str, allow_empty: bool) -> None:
+  """A regex string (compiled here) or a non-empty sequence of name strings."""
+  if isinstance(spec, str):
+    if spec != ALL_LINEAR or what != "targets":
+      _compile(spec, what)
+    return
+  if isinstance(spec, Mapping) or not isinstance(spec, Sequence) or \
+      not all(isinstance(n, str) for n in spec):
+    raise ConfigError(f"LoraConfig.{what} must be a regex string or a list of module names, "
+                      f"got {short(spec, 80)}")
+  if not spec and not allow_empty:
+    raise ConfigError(f"LoraConfig.{what} is empty: nothing would be adapted")

@@ -6,8 +6,22 @@ expected. Callers that caught ``ValueError`` before these existed keep working.
 from __future__ import annotations
 
 
+MAX_MESSAGE = 2000
+"""Longest message an error carries; longer ones keep their start and end."""
+
+
 class JloraError(ValueError):
-  """Base class of every error jlora raises for bad input."""
+  """Base class of every error jlora raises for bad input.
+
+  The message is cut to :data:`MAX_MESSAGE` characters (start and end kept),
+  so no file can make an error message arbitrarily long.
+  """
+
+  def __init__(self, message: str = "", *args):
+    message = str(message)
+    if len(message) > MAX_MESSAGE:
+      message = message[:MAX_MESSAGE * 2 // 3] + " … " + message[-(MAX_MESSAGE // 3 - 3):]
+    super().__init__(message, *args)
 
 
 class ConfigError(JloraError):
@@ -27,6 +41,23 @@ class CheckpointError(JloraError):
 class FormatError(CheckpointError):
   """A file is malformed: a safetensors header, a PEFT or bitsandbytes tensor,
   JSON metadata that does not hold what it must."""
+
+
+class NonFiniteError(JloraError):
+  """A training step produced a NaN or Inf loss or gradient (``nonfinite="raise"``).
+
+  Attributes:
+    step: the step number (``TrainState.step``, or the call count of a plain step).
+    path: the first offending leaf: ``"loss"`` or an adapter path such as
+      ``"layers_0/attn/q_proj/kernel/a"``.
+    state: what the step returns unchanged (the update was not applied): a
+      ``TrainState``, or ``(adapter, opt_state)`` for a plain step; the buffers
+      passed in may have been donated, so continue from these.
+  """
+
+  def __init__(self, message: str, *, step: int, path: str, state):
+    super().__init__(message)
+    self.step, self.path, self.state = step, path, state
 
 
 def short(text: object, limit: int = 200) -> str:

@@ -10,17 +10,41 @@ formed::
   step = make_train_step(loss_fn, optimizer)      # loss_fn(adapter, base, batch, rng)
   for batch in data:
     adapter, opt_state, metrics = step(adapter, opt_state, base, batch, rng)
+
+A run that can be stopped and resumed keeps everything in one
+:class:`TrainState` (adapter, optimizer state, step, PRNG key, data position)
+and checkpoints it with :class:`TrainCheckpointer` (orbax's
+``CheckpointManager``: every N steps, asynchronous, last K and best kept)::
+
+  ckpt = TrainCheckpointer(run_dir, every=100, keep=3, best="loss")
+  state = ckpt.resume(init_state(adapter, optimizer, rng=key))   # or the last checkpoint
+  step = make_state_step(loss_fn, optimizer)
+  while state.step < total:
+    state, metrics = step(state, base, batch_at(state.data_position))
+    ckpt.save(state, metrics)
+  ckpt.close()
+
+Every step checks its loss and gradients: a NaN or Inf skips the update and is
+counted (``nonfinite="skip"``, the default), or stops the run naming the step
+and the leaf (``"raise"``).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jlora import paths
+from jlora.checkpoint.training import TrainCheckpointer
+from jlora.errors import ConfigError, NonFiniteError
 from jlora.lora import LoRA
+
+NONFINITE = ("skip", "raise", "apply")
+"""What a step does with a NaN/Inf loss or gradient, see :func:`make_train_step`."""
 
 LABELS = ("lora_a", "lora_b", "magnitude", "other")
 """Optimizer labels of the trainable leaves, see :func:`param_labels`."""
@@ -138,7 +162,8 @@ def init_train_state(adapter: Any, optimizer: optax.GradientTransformation) -> A
 
 
 def make_train_step(loss_fn: Callable[..., Any], optimizer: optax.GradientTransformation, *,
-                    has_aux: bool = False, donate: bool = True, jit: bool = True):
+                    has_aux: bool = False, donate: bool = True, jit: bool = True,
+                    nonfinite: str = "skip"):
   """Builds ``step(adapter, opt_state, base, batch, rng=None) -> (adapter, opt_state, metrics)``.
 
   ``loss_fn(adapter, base, batch, rng)`` returns a scalar loss (or
@@ -155,10 +180,16 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: optax.GradientTransf
       (the arrays passed in are deleted; keep using the ones returned). The
       base is never donated.
     jit: compile the step with ``jax.jit`` (turn off only to debug).
+    nonfinite: when the loss or any gradient holds a NaN or Inf: "skip" leaves
+      adapter and optimizer state as they were (``metrics["skipped"]`` is 1);
+      "raise" does the same and then raises :class:`jlora.NonFiniteError`
+      naming the step and the first offending leaf (it waits for each step's
+      result); "apply" applies the update anyway (no check).
 
   Returns:
     The step function. ``metrics`` holds "loss", "grad_norm" (global norm of
-    this call's adapter gradient) and, with ``has_aux``, "aux".
+    this call's adapter gradient), "skipped" (0 or 1, unless "apply") and,
+    with ``has_aux``, "aux".
 
   Example:
     >>> def loss_fn(ad, base, batch, rng):
@@ -171,22 +202,151 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: optax.GradientTransf
     >>> ad = {"d": {"kernel": LoRA(a=jnp.ones((4, 2)), b=jnp.zeros((2, 6)))}}
     >>> batch = {"x": jnp.ones((3, 4)), "y": jnp.zeros((3, 6))}
     >>> ad, state, m = step(ad, init_train_state(ad, opt), base, batch)
+    >>> int(m["skipped"])
+    0
   """
-  grad_fn = jax.value_and_grad(loss_fn, argnums=0, has_aux=has_aux)
+  core = _core_step(loss_fn, optimizer, has_aux, nonfinite)
 
   def step(adapter, opt_state, base, batch, rng=None):
-    out, grads = grad_fn(adapter, base, batch, rng)
-    loss, aux = out if has_aux else (out, None)
-    updates, opt_state = optimizer.update(grads, opt_state, adapter)
-    adapter = optax.apply_updates(adapter, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
-    if has_aux:
-      metrics["aux"] = aux
+    adapter, opt_state, metrics = core(adapter, opt_state, base, batch, rng)
     return adapter, opt_state, metrics
 
-  if not jit:
-    return step
-  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+  compiled = jax.jit(step, donate_argnums=(0, 1) if donate else ()) if jit else step
+  if nonfinite != "raise":
+    return compiled
+  calls = [0]
+
+  def checked(adapter, opt_state, base, batch, rng=None):
+    calls[0] += 1
+    adapter, opt_state, metrics = compiled(adapter, opt_state, base, batch, rng)
+    _raise_if_skipped(metrics, adapter, calls[0], (adapter, opt_state))
+    return adapter, opt_state, metrics
+  return checked
+
+
+def _core_step(loss_fn, optimizer, has_aux: bool, nonfinite: str):
+  """The update with the non-finite guard; returns ``(adapter, opt_state, metrics)``."""
+  if nonfinite not in NONFINITE:
+    raise ConfigError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+  grad_fn = jax.value_and_grad(loss_fn, argnums=0, has_aux=has_aux)
+
+  def core(adapter, opt_state, base, batch, rng):
+    out, grads = grad_fn(adapter, base, batch, rng)
+    loss, aux = out if has_aux else (out, None)
+    updates, new_opt = optimizer.update(grads, opt_state, adapter)
+    new_adapter = optax.apply_updates(adapter, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    if nonfinite != "apply":
+      finite = jnp.stack([jnp.all(jnp.isfinite(loss))] +
+                         [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+      ok = jnp.all(finite)
+      keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+      new_adapter = jax.tree.map(keep, new_adapter, adapter)
+      new_opt = jax.tree.map(keep, new_opt, opt_state)
+      metrics["skipped"] = (~ok).astype(jnp.int32)
+      if nonfinite == "raise":
+        metrics["finite"] = finite
+    if has_aux:
+      metrics["aux"] = aux
+    return new_adapter, new_opt, metrics
+  return core
+
+
+def _raise_if_skipped(metrics: dict, adapter, step: int, state) -> None:
+  """Pops ``metrics["finite"]``; raises NonFiniteError naming the first bad leaf."""
+  finite = np.asarray(metrics.pop("finite"))
+  if finite.all():
+    return
+  names = ["loss"] + [paths.path_str(kp) for kp, _ in
+                      jax.tree_util.tree_flatten_with_path(adapter)[0]]
+  bad = names[int(np.argmin(finite))]
+  what = "loss" if bad == "loss" else f"gradient of {bad!r}"
+  raise NonFiniteError(f"step {step}: the {what} is not finite (NaN or Inf); the update was not "
+                       "applied (the error's .state holds the state to continue from)",
+                       step=step, path=bad, state=state)
+
+
+# ------------------------------------------------------------------ resumable runs
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  """Everything a training run needs to continue exactly where it stopped.
+
+  Attributes:
+    step: int32 ``[]``, optimizer steps taken (calls of the state step).
+    adapter: the trained tree (an adapter, or any tree of float arrays).
+    opt_state: the optimizer's state (any optax optimizer).
+    rng: a PRNG key (or None); step ``i`` uses ``jax.random.fold_in(rng, i)``.
+    data_position: int32 ``[]``, batches consumed; pick batch ``i`` from it.
+    skipped: int32 ``[]``, updates skipped for a NaN/Inf loss or gradient.
+  """
+  step: jax.Array
+  adapter: Any
+  opt_state: Any
+  rng: jax.Array | None
+  data_position: jax.Array
+  skipped: jax.Array
+
+  def replace(self, **kw) -> "TrainState":
+    return dataclasses.replace(self, **kw)
+
+
+def init_state(adapter: Any, optimizer: optax.GradientTransformation, rng=None, *,
+               data_position: int = 0) -> TrainState:
+  """A :class:`TrainState` at step 0: ``init_train_state(adapter, optimizer)`` and ``rng``.
+
+  Example:
+    >>> ad = {"d": {"kernel": LoRA(a=jnp.ones((4, 2)), b=jnp.zeros((2, 6)))}}
+    >>> state = init_state(ad, make_optimizer(1e-3), rng=jax.random.key(0))
+    >>> int(state.step), int(state.data_position)
+    (0, 0)
+  """
+  zero = lambda v=0: jnp.asarray(v, jnp.int32)  # noqa: E731
+  return TrainState(step=zero(), adapter=adapter, opt_state=init_train_state(adapter, optimizer),
+                    rng=rng, data_position=zero(data_position), skipped=zero())
+
+
+def make_state_step(loss_fn: Callable[..., Any], optimizer: optax.GradientTransformation, *,
+                    has_aux: bool = False, donate: bool = True, jit: bool = True,
+                    nonfinite: str = "skip"):
+  """:func:`make_train_step` over a :class:`TrainState`: ``step(state, base, batch) -> (state, metrics)``.
+
+  Each call takes one optimizer step with ``rng = fold_in(state.rng, state.step)``
+  (None without a key), then advances ``step`` and ``data_position`` by one and
+  ``skipped`` by ``metrics["skipped"]``. A run resumed from a checkpoint of
+  this state, fed the same batches by ``data_position``, repeats the
+  uninterrupted run bit for bit. Arguments as :func:`make_train_step`.
+
+  Example:
+    >>> def loss_fn(ad, base, batch, rng):
+    ...   return jnp.mean((batch @ ad["w"] - 1.0) ** 2)
+    >>> opt = make_optimizer(1e-2)
+    >>> step = make_state_step(loss_fn, opt)
+    >>> state = init_state({"w": jnp.ones((4, 2))}, opt)
+    >>> state, m = step(state, None, jnp.ones((3, 4)))
+    >>> int(state.step), int(state.data_position), int(state.skipped)
+    (1, 1, 0)
+  """
+  core = _core_step(loss_fn, optimizer, has_aux, nonfinite)
+
+  def step(state: TrainState, base, batch):
+    rng = None if state.rng is None else jax.random.fold_in(state.rng, state.step)
+    adapter, opt_state, metrics = core(state.adapter, state.opt_state, base, batch, rng)
+    skipped = metrics.get("skipped", jnp.zeros((), jnp.int32))
+    return state.replace(step=state.step + 1, adapter=adapter, opt_state=opt_state,
+                         data_position=state.data_position + 1,
+                         skipped=state.skipped + skipped), metrics
+
+  compiled = jax.jit(step, donate_argnums=(0,) if donate else ()) if jit else step
+  if nonfinite != "raise":
+    return compiled
+
+  def checked(state: TrainState, base, batch):
+    new, metrics = compiled(state, base, batch)
+    _raise_if_skipped(metrics, new.adapter, int(new.step) - 1, new)
+    return new, metrics
+  return checked
 
 
 def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax.Array:

@@ -1,5 +1,7 @@
 """jlora.save / jlora.restore: bit-exact round trips, atomic saves, clear errors, shardings."""
+import contextlib
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -8,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -140,7 +143,7 @@ def test_any_registered_node_class_round_trips(tmp_path, rng):
 def test_qarray_round_trips(tmp_path, rng):
   base = {"layer": {"kernel": _normal(rng, (2, 128, 64)), "bias": _normal(rng, (64,))}}
   q = jlora.quantize(base, "nf4", double_quant=True, targets=".*kernel")
-  single = dataclasses.replace(q["layer"]["kernel"][1], nested_scales=None, offset=None)
+  single = jlora.quantize(base, "fp4", double_quant=False, targets=".*kernel")["layer"]["kernel"][1]
   tree = {"stacked": q, "single": single}
   jlora.save(tmp_path / "q", tree)
   got = jlora.restore(tmp_path / "q")
@@ -225,10 +228,10 @@ def test_failed_save_leaves_previous_checkpoint_and_no_temp(tmp_path, rng, monke
   old = _adapter(rng)
   jlora.save(tmp_path / "ck", old)
 
-  def broken_write(file, text):
+  def broken_write(directory, tree):
     raise OSError("disk full")
 
-  monkeypatch.setattr(checkpoint.files, "write_text", broken_write)
+  monkeypatch.setattr(checkpoint.files, "write_manifest", broken_write)
   with pytest.raises(OSError, match="disk full"):
     jlora.save(tmp_path / "ck", {"w": _normal(rng, (3, 2))})
   assert [p.name for p in tmp_path.iterdir()] == ["ck"]
@@ -256,6 +259,8 @@ def test_save_refuses_what_it_must_not_replace(tmp_path, rng):
 def test_save_rejects_unsupported_leaves(tmp_path):
   with pytest.raises(TypeError, match="'k'.*PRNG"):
     jlora.save(tmp_path / "a", {"k": jax.random.key(0)})
+  with pytest.raises(TypeError, match="'f64'.*float64 becomes float32 in JAX with jax_enable_x64 off"):
+    jlora.save(tmp_path / "b", {"f64": np.ones(3)})
   with pytest.raises(TypeError, match="dict keys must be strings"):
     jlora.save(tmp_path / "b", {"x": {1: jnp.ones(2)}})
   with pytest.raises(TypeError, match="'x/0'.*unsupported object"):
@@ -294,24 +299,51 @@ CORRUPTIONS = {
     "removed arrays dir": (lambda p: shutil.rmtree(p / "arrays"), "arrays/ directory is missing"),
     "garbled json": (lambda p: (p / "jlora.json").write_text((p / "jlora.json").read_text()[:300]),
                      "jlora.json is not valid JSON"),
-    "unknown node class": (lambda p: (p / "jlora.json").write_text(
-        (p / "jlora.json").read_text().replace('"LoRA"', '"os.system"')),
+    "changed alpha": (lambda p: (p / "jlora.json").write_text(
+        (p / "jlora.json").read_text().replace('"alpha": 8.0', '"alpha": 9.0')),
+                      "jlora.json fails its checksum"),
+    "unknown node class": (lambda p: _edit_manifest(p, '"LoRA"', '"os.system"'),
                            "unknown node class 'os.system' at 'q/kernel'"),
-    "wrong static field": (lambda p: (p / "jlora.json").write_text(
-        (p / "jlora.json").read_text().replace('"alpha"', '"alpah"')),
+    "wrong static field": (lambda p: _edit_manifest(p, '"alpha"', '"alpah"'),
                            "LoRA at 'q/kernel' that cannot be rebuilt"),
+    "rank 0": (lambda p: _edit_manifest(p, '"rank": 2', '"rank": 0'),
+               r"invalid LoRA at 'q/kernel': rank=0 \(expected a positive int\)"),
+    "infinite alpha": (lambda p: _edit_manifest(p, '"alpha": 8.0', '"alpha": Infinity'),
+                       r"invalid LoRA at 'q/kernel': alpha=inf \(expected a finite number\)"),
+    "shape the arrays lack": (lambda p: _edit_tree(p, lambda t: t["dict"]["noise"].update(
+        shape=[256, 99999999999])),
+                              r"says array 'noise' is uint8\[256, 99999999999\], but arrays/ "
+                              r"stores uint8\[256, 256\]"),
+    "deep nesting": (lambda p: _edit_tree(p, lambda t: t["dict"].update(
+        deep=functools.reduce(lambda x, _: [x], range(100), []))),
+                     "nests deeper than 64 levels"),
 }
+
+
+def _edit_tree(path, change):
+  data = json.loads((path / "jlora.json").read_text())
+  change(data["tree"])
+  _edit_manifest(path, "", "", json.dumps(data))
+
+
+def _edit_manifest(path, old, new, text=None):
+  """Edits jlora.json and re-signs it, as someone who means to would: what the node checks catch."""
+  data = json.loads(text or (path / "jlora.json").read_text().replace(old, new, 1))
+  data["checksum"] = checkpoint.files.checksum(data["tree"])
+  (path / "jlora.json").write_text(json.dumps(data))
 
 
 @pytest.mark.parametrize("damage", list(CORRUPTIONS))
 def test_corrupted_checkpoint_fails_clearly(tmp_path, rng, damage):
   noise = jnp.asarray(rng.integers(0, 256, (256, 256)), jnp.uint8)  # incompressible bytes
-  tree = {"noise": noise, "q": {"kernel": LoRA(a=_normal(rng, (6, 2)), b=_normal(rng, (2, 3)))}}
+  tree = {"noise": noise,
+          "q": {"kernel": LoRA(a=_normal(rng, (6, 2)), b=_normal(rng, (2, 3)), alpha=8.0, rank=2)}}
   jlora.save(tmp_path / "ck", tree)
   corrupt, message = CORRUPTIONS[damage]
   corrupt(tmp_path / "ck")
-  with pytest.raises(ValueError, match=f"corrupted jlora checkpoint at .*ck'.*({message})"):
+  with pytest.raises(jlora.FormatError, match=f"corrupted jlora checkpoint at .*ck'.*({message})"):
     jlora.restore(tmp_path / "ck")
+  assert len(str(pytest.raises(jlora.FormatError, jlora.restore, tmp_path / "ck").value)) < 700
 
 
 def test_foreign_paths_are_not_checkpoints(tmp_path):
@@ -339,7 +371,7 @@ def test_foreign_paths_are_not_checkpoints(tmp_path):
     jlora.restore(tmp_path / "other")
   (tmp_path / "other" / "jlora.json").write_text(json.dumps({"format": "jlora-checkpoint",
                                                               "version": 99, "tree": None}))
-  with pytest.raises(ValueError, match="format version 99; this jlora reads versions 1 to 1"):
+  with pytest.raises(ValueError, match="format version 99; this jlora reads versions 1 to 2"):
     jlora.restore(tmp_path / "other")
 
 
@@ -371,3 +403,123 @@ def test_restore_never_unpickles(tmp_path, rng, monkeypatch):
     _WATCHING.clear()
   assert not _UNPICKLING
   assert_same_tree(got, adapter)
+
+
+@pytest.mark.parametrize("name", ["run[1]", "back\\slash", "with space", "nön-ascii ✓", "a*?b"])
+def test_awkward_paths_save_restore_and_overwrite(tmp_path, rng, name):
+  path = tmp_path / name / "ck"
+  first, second = {"w": _normal(rng, (3, 5))}, _adapter(rng)
+  jlora.save(path, first)
+  assert_same_tree(jlora.restore(path), first)
+  jlora.save(path, second)                       # the overwrite is as safe as the first save
+  assert_same_tree(jlora.restore(path), second)
+  assert sorted(os.listdir(path.parent)) == ["ck"]
+
+
+def test_orbax_writing_nothing_replaces_nothing(tmp_path, rng, monkeypatch):
+  """Without jlora's safe path orbax skips its merge under '[1]' with a log line only;
+  the read-back check must catch that before the swap."""
+  path = tmp_path / "run[1]" / "ck"
+  old = {"w": _normal(rng, (3, 5))}
+  jlora.save(path, old)
+  monkeypatch.setattr(checkpoint.files, "orbax_path", contextlib.nullcontext)
+  with pytest.raises(jlora.CheckpointError, match="orbax did not write the arrays readably.*"
+                     "nothing was replaced"):
+    jlora.save(path, {"w": _normal(rng, (4, 2))})
+  monkeypatch.undo()
+  assert_same_tree(jlora.restore(path), old)
+  assert sorted(os.listdir(path.parent)) == ["ck"]
+
+
+def test_save_never_replaces_a_directory_it_did_not_write(tmp_path, rng):
+  tree = {"w": _normal(rng, (2, 3))}
+  mine = tmp_path / "project"
+  mine.mkdir()
+  (mine / "jlora.json").write_text('{"learning_rate": 0.1}')   # the user's own config file
+  (mine / "train.py").write_text("print('mine')")
+  with pytest.raises(jlora.CheckpointError, match="refusing to replace .*project'.*not a jlora "
+                     "checkpoint"):
+    jlora.save(mine, tree)
+  assert sorted(os.listdir(mine)) == ["jlora.json", "train.py"]
+  jlora.save(tmp_path / "ck", tree)
+  (tmp_path / "ck" / "notes.txt").write_text("keep me")      # a checkpoint plus a user's file
+  with pytest.raises(jlora.CheckpointError, match="besides a jlora checkpoint it holds 'notes.txt'"):
+    jlora.save(tmp_path / "ck", tree)
+  assert (tmp_path / "ck" / "notes.txt").read_text() == "keep me"
+  (tmp_path / "ck" / "notes.txt").unlink()
+  manifest = tmp_path / "ck" / "jlora.json"
+  manifest.write_text(manifest.read_text().replace('"shape"', '"shapes"'))   # damaged, but ours
+  with pytest.raises(jlora.FormatError, match="fails its checksum"):
+    jlora.restore(tmp_path / "ck")
+  jlora.save(tmp_path / "ck", tree)                            # may be replaced
+  assert_same_tree(jlora.restore(tmp_path / "ck"), tree)
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(jlora.CheckpointError, match="cannot write .*file/ck'.*(File exists|Not a directory)"):
+    jlora.save(tmp_path / "file" / "ck", tree)
+  with pytest.raises(jlora.CheckpointError, match="local file system"):
+    jlora.save("gs://bucket/ck", tree)
+
+
+def test_restore_while_another_thread_saves_sees_a_whole_checkpoint(tmp_path, rng):
+  path = tmp_path / "ck"
+  trees = [{"w": _normal(rng, (64, 32)), "v": _normal(rng, (5,))} for _ in range(2)]
+  jlora.save(path, trees[0])
+  done = threading.Event()
+
+  def saver():
+    for i in range(12):
+      jlora.save(path, trees[i % 2])
+    done.set()
+
+  thread = threading.Thread(target=saver)
+  thread.start()
+  seen = 0
+  while not done.is_set():
+    got = jlora.restore(path)      # never "corrupted": a replaced checkpoint is read again
+    assert any(np.array_equal(got["w"], t["w"]) and np.array_equal(got["v"], t["v"])
+               for t in trees)
+    seen += 1
+  thread.join()
+  assert seen >= 2
+
+
+_MULTIHOST = """
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"localhost:{sys.argv[3]}", num_processes=2, process_id=int(sys.argv[1]))
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jlora
+mesh = Mesh(np.array(jax.devices()), ("x",))
+rows = NamedSharding(mesh, P("x"))
+full = np.arange(24, dtype=np.float32).reshape(8, 3)
+x = jax.make_array_from_callback((8, 3), rows, lambda i: full[i])
+lora = jlora.LoRA(a=x, b=jax.device_put(np.ones((3, 5), np.float32), NamedSharding(mesh, P())),
+                  alpha=4.0, rank=3)
+for _ in range(2):   # a first save, then an overwrite
+  jlora.save(sys.argv[2], {"q": {"kernel": lora}, "step": 7})
+got = jlora.restore(sys.argv[2], shardings=lambda p: rows if p.endswith("/a") else None)
+a = got["q"]["kernel"].a
+assert a.sharding == rows and got["step"] == 7
+assert all(np.array_equal(s.data, full[s.index]) for s in a.addressable_shards)
+print("ok", jax.process_index())
+"""
+
+
+def test_multi_host_save(tmp_path):
+  """Two processes (one CPU device each) save one sharded adapter together."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  procs = [subprocess.Popen([sys.executable, "-c", _MULTIHOST, str(i), str(tmp_path / "ck"),
+                             str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0 and f"ok {i}" in out, err[-3000:]
+  assert sorted(os.listdir(tmp_path)) == ["ck"]
+  got = jlora.restore(tmp_path / "ck")
+  assert np.array_equal(got["q"]["kernel"].a, np.arange(24, dtype=np.float32).reshape(8, 3))

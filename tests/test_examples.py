@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 import jlora
+import jlora.train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -27,3 +28,12 @@ def test_finetune_demo_runs(tmp_path):
   assert all(lo.rank == 2 and np.all(np.isfinite(lo.a)) for lo in loras.values())
   assert "QLoRA:" in proc.stdout and "merged model vs base + adapter" in proc.stdout
   assert "restores identically: True" in proc.stdout
+  # a second invocation continues the same run: --resume from the checkpoints in <out>/run
+  again = subprocess.run(cmd[:-2] + ["--steps", "5", "--resume", "--out", str(out)], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+  assert "resumed fine-tuning at step 3" in again.stdout
+  history = jlora.train.TrainCheckpointer(out / "run").history
+  assert history["step"] == [1, 2, 3, 4, 5] and len(history["loss"]) == 5
+  refused = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert refused.returncode != 0 and "pass --resume" in refused.stderr

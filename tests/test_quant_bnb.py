@@ -35,6 +35,7 @@ import bitsandbytes.functional as F
 import torch
 import transformers as tf
 
+import jlora
 from jlora.quant import QArray, blockwise as B, bnb_format as BF, codebooks as C
 from jlora.quant import quantize_array
 
@@ -388,3 +389,71 @@ def test_transformers_checkpoint_both_ways(tmp_path):
   assert float(rel) < 0.05                        # same codes; offsets may differ by an ulp
   assert json.loads((ours / "config.json").read_text())["quantization_config"]["bnb_4bit_use_double_quant"]
   assert os.path.getsize(ours / "model.safetensors") < os.path.getsize(plain / "model.safetensors")
+
+
+@pytest.mark.parametrize("in_f", [96, 160])
+def test_loading_4bit_files_whose_rows_are_not_whole_blocks(rng, tmp_path, in_f):
+  """A Linear4bit weight [64, in] with in % 64 != 0 (Flax kernel [in, 64]) saved to a
+  safetensors file, with and without double quantization: jlora reads bitsandbytes'
+  exact codes and statistics and gives its documented values (bitsandbytes' own
+  AVX-512 CPU kernel is the one that restarts blocks per row here; see the module
+  docstring), and the matmul of a train-mode Linear4bit agrees."""
+  from safetensors.numpy import save_file
+  w = torch.from_numpy(rng.standard_normal((64, in_f)).astype(np.float32))
+  x = torch.from_numpy(rng.standard_normal((3, in_f)).astype(np.float32))
+  for dq in (False, True):
+    lin = bnb.nn.Linear4bit(in_f, 64, bias=False, compress_statistics=dq, quant_type="nf4",
+                            compute_dtype=torch.float32)
+    lin.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, compress_statistics=dq,
+                                   quant_type="nf4")
+    lin = lin.to("cpu")
+    save_file({f"lin.{k}": np.ascontiguousarray(as_np(v)) for k, v in lin.state_dict().items()},
+              str(tmp_path / "m.safetensors"))
+    q = BF.load_safetensors(tmp_path / "m.safetensors")["lin.weight"]
+    assert q.shape == (in_f, 64) and q.double_quant == dq
+    packed, st = lin.weight.data, lin.weight.quant_state
+    if not dq:
+      assert_quantizes_like_bnb(quantize_array(jnp.asarray(w.numpy().T), "nf4", 64, False),
+                                *F.quantize_4bit(w, blocksize=64, quant_type="nf4"))
+    want = documented_dequantize(packed, st)
+    np.testing.assert_array_equal(np.asarray(q.dequantize()).T, want)
+    _, trusted = bnb_dequantize(packed, st)       # bitsandbytes: right, or the known fault
+    assert trusted == (not avx512_rows_condition(st) or not _has_avx512())
+    with torch.no_grad():
+      y = lin.train()(x).numpy()                    # train mode: no CPU repacking
+    if trusted:
+      np.testing.assert_allclose(x.numpy() @ want.T, y, rtol=2e-5, atol=2e-5)
+
+
+def _has_avx512() -> bool:
+  try:
+    return "avx512" in open("/proc/cpuinfo").read()
+  except OSError:
+    return False
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda st, t: st.update(dtype="int8"), r"quant state dtype='int8' \(expected one of"),
+    (lambda st, t: st.update(blocksize=0), r"blocksize=0 \(expected one of"),
+    (lambda st, t: st.update(shape=[64, "96"]), r"shape=\[64, '96'\] \(expected \[out, in\]"),
+    (lambda st, t: st.update(shape=[64, 97]), r"'w' is uint8\[3072, 1\], expected uint8 with 3104"),
+    (lambda st, t: st.update(nested_offset=float("nan")), r"nested_offset=nan \(expected a finite"),
+    (lambda st, t: st.pop("quant_type"), r"quant_type=None \(expected one of"),
+    (lambda st, t: t.pop("w.absmax"), r"'w.absmax' is missing"),
+    (lambda st, t: t.update({"w.absmax": t["w.absmax"][:-1]}), r"'w.absmax' is uint8\[95\]"),
+    (lambda st, t: t.update({"w.nested_absmax": t["w.nested_absmax"].astype(np.float64)}),
+     r"'w.nested_absmax' is float64"),
+])
+def test_hostile_quant_states_are_named(edit, message):
+  good = BF.to_bnb(quantize_array(jnp.asarray(np.random.default_rng(0).standard_normal((96, 64)),
+                                              jnp.float32), "nf4", 64, True), "w")
+  key = "w.quant_state.bitsandbytes__nf4"
+  st = json.loads(bytes(good[key]))
+  tensors = dict(good)
+  edit(st, tensors)
+  tensors[key] = np.frombuffer(json.dumps(st).encode(), np.uint8)
+  with pytest.raises(jlora.FormatError, match=message):
+    BF.from_bnb(tensors, "w")
+  tensors[key] = np.frombuffer(b"[" * 60_000, np.uint8)
+  with pytest.raises(jlora.FormatError, match="quant state is not valid JSON"):
+    BF.from_bnb(tensors, "w")

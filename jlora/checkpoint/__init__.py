@@ -13,33 +13,33 @@ no template::
 Loading reads JSON and array bytes only: nothing is unpickled and no class is
 looked up by a name read from disk, only in jlora's own list of node classes.
 
-A save is atomic: everything is written into a temporary directory beside
-``path`` (``.<name>.jlora-tmp-*``), which replaces ``path`` only once it is
-complete (with one ``renameat2(RENAME_EXCHANGE)`` on Linux), so the previous
-checkpoint stays readable until then and survives a failed or killed save.
-An interrupted save leaves its temporary directory behind; it is safe to
-delete. Local file systems, one process.
+``jlora.json`` carries a sha256 checksum of its own tree (so a changed
+``alpha`` is caught) and a CRC-32 of every array's bytes. Restored ``LoRA``
+and ``QArray`` nodes are checked for values jlora would compute wrongly with.
+
+A save is atomic (:func:`jlora.checkpoint.files.atomic_directory`): it is
+written beside ``path`` and swapped in with one rename only once it is
+complete and orbax's output has been read back, so the previous checkpoint
+stays readable until then and survives a failed or killed save. A restore
+that races a save to the same path starts again on the new checkpoint.
+Local (or shared, POSIX) file systems; any number of processes.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import uuid
 from typing import Any, Callable
-
-import jax
 
 from jlora.checkpoint import arrays as array_io
 from jlora.checkpoint import files
 from jlora.checkpoint import tree_json
 from jlora.checkpoint.tree_json import register_node
+from jlora.errors import CheckpointError, FormatError, short
 
 __all__ = ["save", "restore", "register_node"]
+RESTORE_ATTEMPTS = 3
 
 
-def _corrupted(directory: str, err: Exception) -> ValueError:
-  return ValueError(f"corrupted jlora checkpoint at {directory!r}: {files.MANIFEST} {err}")
+def _corrupted(directory: str, err: Exception) -> FormatError:
+  return FormatError(f"corrupted jlora checkpoint at {short(directory)}: {files.MANIFEST} {err}")
 
 
 def save(path, tree: Any, *, overwrite: bool = True) -> None:
@@ -58,12 +58,18 @@ def save(path, tree: Any, *, overwrite: bool = True) -> None:
     path: a directory on a local file system (created; its parent too).
     tree: the tree to save, e.g. an adapter ``{"q_proj": {"kernel": LoRA}}``
       with ``a: [*stack, *in_dims, r]``, ``b: [*stack, r, *out_dims]``.
-    overwrite: replace an existing checkpoint at ``path`` (else ValueError).
-      A directory that is not a jlora checkpoint is never replaced.
+    overwrite: replace an existing checkpoint at ``path`` (else CheckpointError).
+      Only a directory holding a jlora checkpoint and nothing else, or an
+      empty one, is ever replaced.
+
+  In a multi-host run every process calls ``save`` with the same ``path``
+  (on a file system they share); each writes its own shards and process 0
+  writes the manifest and swaps the directory in.
 
   Raises:
     TypeError: a leaf jlora cannot save (e.g. an NNX Variable, a PRNG key).
-    ValueError: ``path`` exists and may not be replaced.
+    CheckpointError: ``path`` exists and may not be replaced, cannot be
+      written, or orbax failed to write the arrays (nothing is replaced).
 
   Example:
     >>> import tempfile, jax.numpy as jnp, jlora
@@ -73,27 +79,14 @@ def save(path, tree: Any, *, overwrite: bool = True) -> None:
     >>> jlora.restore(path)["q_proj"]["kernel"].scale
     2.0
   """
-  if jax.process_count() > 1:
-    raise NotImplementedError("jlora.save writes from one process; multi-host saving is not "
-                              "supported yet")
   target = files.local_path(path)
-  files.check_replaceable(target, overwrite)
   arrays: list = []
   encoded = tree_json.encode(tree, "", arrays)
-  text = json.dumps({"format": files.FORMAT, "version": files.VERSION, "tree": encoded}, indent=1)
-  parent, name = os.path.split(target)
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{name}.jlora-tmp-{uuid.uuid4().hex}")
-  os.mkdir(tmp)  # with the umask's permissions, as the checkpoint will have
-  try:
+  with files.atomic_directory(target, overwrite=overwrite, owned=files.owned_checkpoint) as tmp:
     if arrays:
-      array_io.write_arrays(os.path.join(tmp, files.ARRAYS), arrays)
-    files.write_text(os.path.join(tmp, files.MANIFEST), text)
-    files.fsync_dir(tmp)
-    files.replace(tmp, target)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+      array_io.write_arrays(tmp, arrays)
+    if files.is_primary():
+      files.write_manifest(tmp, encoded)
 
 
 def restore(path, *, target: Any = None,
@@ -121,10 +114,12 @@ def restore(path, *, target: Any = None,
       process); costs one pass over the bytes on the host.
 
   Raises:
-    ValueError: ``path`` is missing, not a jlora checkpoint (an empty or
-      foreign directory, an orbax checkpoint jlora did not write), or
-      corrupted (garbled metadata, missing or damaged array data); or it does
-      not match ``target``/``shardings``.
+    CheckpointError: ``path`` is missing or not a jlora checkpoint (an empty
+      or foreign directory, an orbax checkpoint jlora did not write), or it
+      does not match ``target``/``shardings``.
+    FormatError: (a CheckpointError) the checkpoint is corrupted: garbled or
+      changed metadata, nodes with impossible values, missing or damaged
+      array data.
 
   Example:
     >>> import tempfile, jax, jax.numpy as jnp, jlora
@@ -137,8 +132,23 @@ def restore(path, *, target: Any = None,
     True
   """
   directory = files.local_path(path)
+  for _ in range(RESTORE_ATTEMPTS):
+    manifest = files.read_manifest(directory)
+    try:
+      tree = _restore(directory, manifest, target, shardings, verify)
+    except CheckpointError:
+      if files.save_id(directory) == manifest.get("save_id"):
+        raise
+      continue   # a save replaced the checkpoint while it was read: read the new one
+    if files.save_id(directory) == manifest.get("save_id"):
+      return tree
+  raise CheckpointError(f"the checkpoint at {short(directory)} was replaced "
+                        f"{RESTORE_ATTEMPTS} times while it was being read; try again")
+
+
+def _restore(directory: str, manifest: dict, target, shardings, verify):
   try:
-    skeleton, specs = tree_json.parse_tree(files.read_manifest(directory)["tree"])
+    skeleton, specs = tree_json.parse_tree(manifest["tree"])
   except tree_json.BadMetadata as err:
     raise _corrupted(directory, err) from None
   if target is not None:

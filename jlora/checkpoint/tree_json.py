@@ -18,7 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import paths
+from jlora.errors import short
 
+MAX_DEPTH = 64
+"""Deepest nesting of containers and nodes a manifest may describe."""
 _EXTRA_NODES: dict[str, type] = {}
 
 
@@ -41,7 +44,7 @@ def _node_classes() -> dict[str, type]:
 
 
 class BadMetadata(Exception):
-  """A malformed jlora.json; restore turns it into a ValueError."""
+  """A malformed jlora.json; restore turns it into a FormatError."""
 
 
 def crc32(x) -> int | None:
@@ -68,6 +71,10 @@ def _encode_array(x, path: str, arrays: list | None) -> dict:
   if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
     raise TypeError(f"cannot save {path!r}: dtype {x.dtype} is not a plain array dtype "
                     "(for PRNG keys save jax.random.key_data(key))")
+  if jax.dtypes.canonicalize_dtype(x.dtype) != x.dtype:
+    raise TypeError(f"cannot save {path!r} bit-exactly: its dtype {np.dtype(x.dtype)} becomes "
+                    f"{jax.dtypes.canonicalize_dtype(x.dtype)} in JAX with jax_enable_x64 off; "
+                    "cast it first, or enable x64")
   arrays.append(x)
   return {"array": len(arrays) - 1, "shape": [int(d) for d in x.shape],
           "dtype": np.dtype(x.dtype).name, "crc32": crc32(x)}
@@ -146,62 +153,84 @@ def _tag(e, where: str, tags: tuple[str, ...]) -> str:
   for t in tags:
     if t in e:
       return t
-  raise BadMetadata(f"has an unreadable entry at {where or 'the root'!r}: {str(e)[:80]}")
+  raise BadMetadata(f"has an unreadable entry at {short(where or 'the root')}: {short(e, 80)}")
 
 
 def _parse_dtype(e, where: str):
   try:
     name, form = e["dtype"], e.get("as", "numpy_dtype")
     dtype = jnp.dtype(name)
+    if not _numeric(dtype):
+      raise TypeError(f"{dtype} is not a numeric dtype")
     return {"numpy_dtype": lambda: dtype, "numpy_type": lambda: dtype.type,
             "jax_type": lambda: getattr(jnp, dtype.name)}[form]()
-  except (KeyError, TypeError, AttributeError) as err:
-    raise BadMetadata(f"has a bad dtype at {where!r}: {e} ({err})") from None
+  except (KeyError, TypeError, AttributeError, ValueError) as err:
+    raise BadMetadata(f"has a bad dtype at {short(where)}: {short(e, 80)} "
+                      f"({short(str(err), 80)})") from None
+
+
+def _numeric(dtype) -> bool:
+  """bool, ints, floats (bfloat16 and float8 too), complex: what orbax stores as plain bytes."""
+  return dtype == np.bool_ or bool(jnp.issubdtype(dtype, jnp.number))
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _parse_array(e, where: str, specs: list) -> ArraySpec:
+  index, shape, crc = e.get("array"), e.get("shape"), e.get("crc32")
   try:
-    spec = ArraySpec(int(e["array"]), where, tuple(int(d) for d in e["shape"]),
-                      jnp.dtype(e["dtype"]), e.get("crc32"))
-  except (KeyError, TypeError, ValueError) as err:
-    raise BadMetadata(f"has a bad array entry at {where!r}: {e} ({err})") from None
+    dtype = jnp.dtype(e.get("dtype")) if isinstance(e.get("dtype"), str) else None
+  except TypeError:
+    dtype = None
+  if (not _is_int(index) or index < 0 or not isinstance(shape, list)
+      or not all(_is_int(d) and 0 <= d < 2**62 for d in shape) or len(shape) > 32
+      or dtype is None or not _numeric(dtype)
+      or not (crc is None or _is_int(crc) and 0 <= crc < 2**32)):
+    raise BadMetadata(f"has a bad array entry at {short(where)}: {short(e, 120)} (expected "
+                      "an index, a shape of non-negative ints, a numeric dtype and a CRC-32)")
+  spec = ArraySpec(index, where, tuple(shape), dtype, crc)
   specs.append(spec)
   return spec
 
 
-def _parse_node(e, where: str, specs: list) -> NodeSpec:
+def _parse_node(e, where: str, specs: list, depth: int) -> NodeSpec:
   cls = _node_classes().get(e["node"]) if isinstance(e["node"], str) else None
   if cls is None:
-    raise BadMetadata(f"names an unknown node class {e['node']!r} at {where!r}")
+    raise BadMetadata(f"names an unknown node class {short(e['node'], 80)} at {short(where)}")
   static, children = e.get("static"), e.get("children")
   if not isinstance(static, dict) or not isinstance(children, dict):
-    raise BadMetadata(f"has a node without static fields or children at {where!r}")
-  return NodeSpec(where, cls, {k: parse(v, f"{where}.{k}", None) for k, v in static.items()},
-                   {k: parse(v, _join(where, k), specs) for k, v in children.items()})
+    raise BadMetadata(f"has a node without static fields or children at {short(where)}")
+  return NodeSpec(where, cls,
+                  {k: parse(v, f"{where}.{k}", None, depth + 1) for k, v in static.items()},
+                  {k: parse(v, _join(where, k), specs, depth + 1) for k, v in children.items()})
 
 
-def parse(e, where: str, specs: list | None):
+def parse(e, where: str, specs: list | None, depth: int = 0):
   """JSON entry -> containers holding ArraySpec/NodeSpec (specs None: static)."""
+  if depth > MAX_DEPTH:
+    raise BadMetadata(f"nests deeper than {MAX_DEPTH} levels at {short(where)}")
   if e is None or isinstance(e, (bool, int, float, str)):
     return e
   if isinstance(e, list):
-    return [parse(v, _join(where, str(i)), specs) for i, v in enumerate(e)]
+    return [parse(v, _join(where, str(i)), specs, depth + 1) for i, v in enumerate(e)]
   if not isinstance(e, dict):
-    raise BadMetadata(f"has an unreadable entry at {where or 'the root'!r}: {str(e)[:80]}")
+    raise BadMetadata(f"has an unreadable entry at {short(where or 'the root')}: {short(e, 80)}")
   tags = ("array", "node", "dtype", "dict", "tuple")
   tag = _tag(e, where, tags if specs is not None else tags[2:])
   if tag == "array":
     return _parse_array(e, where, specs)
   if tag == "node":
-    return _parse_node(e, where, specs)
+    return _parse_node(e, where, specs, depth)
   if tag == "dtype":
     return _parse_dtype(e, where)
   body = e[tag]
   if tag == "dict" and isinstance(body, dict):
-    return {k: parse(v, _join(where, k), specs) for k, v in body.items()}
+    return {k: parse(v, _join(where, k), specs, depth + 1) for k, v in body.items()}
   if tag == "tuple" and isinstance(body, list):
-    return tuple(parse(v, _join(where, str(i)), specs) for i, v in enumerate(body))
-  raise BadMetadata(f"has a malformed {tag} at {where or 'the root'!r}")
+    return tuple(parse(v, _join(where, str(i)), specs, depth + 1) for i, v in enumerate(body))
+  raise BadMetadata(f"has a malformed {tag} at {short(where or 'the root')}")
 
 
 def build(x, arrays: list):
@@ -211,10 +240,15 @@ def build(x, arrays: list):
   if isinstance(x, NodeSpec):
     kids = {k: build(v, arrays) for k, v in x.children.items()}
     try:
-      return x.cls(**kids, **x.static)
+      node = x.cls(**kids, **x.static)
     except (TypeError, ValueError) as err:
-      raise BadMetadata(f"describes a {x.cls.__name__} at {x.path!r} that cannot be "
-                         f"rebuilt ({err})") from None
+      raise BadMetadata(f"describes a {x.cls.__name__} at {short(x.path)} that cannot be "
+                         f"rebuilt ({short(str(err), 160)})") from None
+    from jlora.checkpoint.nodes import check_node
+    why = check_node(node)
+    if why is not None:
+      raise BadMetadata(f"describes an invalid {x.cls.__name__} at {short(x.path)}: {why}")
+    return node
   if isinstance(x, dict):
     return {k: build(v, arrays) for k, v in x.items()}
   if isinstance(x, (list, tuple)):

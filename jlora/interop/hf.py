@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, Sharding
 
 from jlora import paths
-from jlora.errors import ConfigError
+from jlora.errors import ConfigError, FormatError, short
 from jlora.interop import safetensors_io as st
 from jlora.models import registry
 from jlora.models.registry import config_from_hf, config_to_hf  # noqa: F401  (re-exported)
@@ -135,13 +135,14 @@ def from_hf(directory: str | os.PathLike, dtype=jnp.float32, *, scan_layers: boo
   config = config_from_hf(st.read_json(source), dtype=dtype, scan_layers=scan_layers,
                           source=source)
   fam = registry.family(config.model_type)
-  boxed = fam.abstract_params(config)
-  specs = paths.flatten(nn.unbox(boxed))
-  plan = {p: _names_of(p, config, fam.names) for p in specs}
-  place = _placer(shardings, boxed, specs)
-  quantize = _quantizer(quantize)
-  np_dtype = np.dtype(dtype)
   with st.open_checkpoint(directory) as ckpt:
+    _check_sizes(ckpt, config, directory)    # before tracing a model of the declared size
+    boxed = fam.abstract_params(config)
+    specs = paths.flatten(nn.unbox(boxed))
+    plan = {p: _names_of(p, config, fam.names) for p in specs}
+    place = _placer(shardings, boxed, specs)
+    quantize = _quantizer(quantize)
+    np_dtype = np.dtype(dtype)
     _check_names(ckpt, plan, config, directory)
     n_tensors = sum(len(v) for v in plan.values())
     flat = {}
@@ -157,17 +158,35 @@ def _names_of(path: str, config: Any, names: Any) -> list[str]:
   return [names.hf_name(path)]
 
 
+def _check_sizes(ckpt: st.Checkpoint, config: Any, directory: str) -> None:
+  """config.json's layer count and embedding size against the files' tensor names and shapes."""
+  layers = set()
+  for n in ckpt.names:
+    parts = n.split(".")
+    if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+      layers.add(int(parts[2]))
+  if layers != set(range(config.num_hidden_layers)):
+    raise FormatError(f"{directory}: config.json declares {config.num_hidden_layers} layers but "
+                      f"the checkpoint's tensors are for {len(layers)} "
+                      f"(layer indices {sorted(layers)[:4]}{' ...' if len(layers) > 4 else ''})")
+  embed = "model.embed_tokens.weight"
+  want = [config.vocab_size, config.hidden_size]
+  if embed in ckpt.names and list(ckpt.shape(embed)) != want:
+    raise FormatError(f"{directory}: config.json declares vocab_size x hidden_size = {want}, but "
+                      f"{embed} is {list(ckpt.shape(embed))}")
+
+
 def _check_names(ckpt: st.Checkpoint, plan: dict, config: Any, directory: str) -> None:
   expected = {n for names in plan.values() for n in names}
   missing = sorted(expected - ckpt.names)
   if missing:
-    raise ValueError(f"{directory}: the checkpoint lacks {len(missing)} tensor(s) that its "
+    raise FormatError(f"{directory}: the checkpoint lacks {len(missing)} tensor(s) that its "
                      f"config.json ({config.model_type}) needs, e.g. {missing[:4]}")
   def ignorable(n):
     return n.endswith(_IGNORED_SUFFIXES) or (config.tie_word_embeddings and n == "lm_head.weight")
   extra = sorted(n for n in ckpt.names - expected if not ignorable(n))
   if extra:
-    raise ValueError(f"{directory}: unexpected tensor(s) {extra[:4]} (in "
+    raise FormatError(f"{directory}: unexpected tensor(s) {extra[:4]} (in "
                      f"{ckpt.file_of(extra[0])}) that a {config.model_type} model with this "
                      "config.json does not have")
 
@@ -179,11 +198,11 @@ def _load(ckpt: st.Checkpoint, path: str, names: list[str], spec: jax.ShapeDtype
   want = layer_shape[::-1] if kernel else layer_shape
   for n in names:
     if ckpt.shape(n) != want:
-      raise ValueError(f"tensor {n!r} in {ckpt.file_of(n)} has shape {list(ckpt.shape(n))}, "
+      raise FormatError(f"tensor {short(n)} in {ckpt.file_of(n)} has shape {list(ckpt.shape(n))}, "
                        f"but config.json implies {list(want)} (jlora {path}: {list(layer_shape)}"
                        f"{' transposed' if kernel else ''})")
     if ckpt.dtype(n) not in st.FLOAT_DTYPES:
-      raise ValueError(f"tensor {n!r} in {ckpt.file_of(n)} has dtype {ckpt.dtype(n)}; only "
+      raise FormatError(f"tensor {short(n)} in {ckpt.file_of(n)} has dtype {ckpt.dtype(n)}; only "
                        f"floating-point weights {st.FLOAT_DTYPES} can be loaded")
 
   def fetch(name, index=None):   # index: per-layer slices in the jlora layout
@@ -235,7 +254,7 @@ def _placer(shardings: Any, boxed: Any, specs: dict) -> Callable[[str], Sharding
   flat = paths.flatten(shardings, is_leaf=lambda x: isinstance(x, Sharding) or x is None)
   absent = [p for p in specs if p not in flat]
   if absent:
-    raise ValueError(f"from_hf: shardings has no entry for {absent[:3]} (it must mirror the "
+    raise ConfigError(f"from_hf: shardings has no entry for {absent[:3]} (it must mirror the "
                      f"params tree, e.g. jlora.sharding.param_shardings(abstract_params(cfg), mesh))")
   return flat.get
 
@@ -293,11 +312,11 @@ def to_hf(directory: str | os.PathLike, config: Any, params: Any, *,
   flat = paths.flatten(nn.unbox(params))
   missing, extra = sorted(set(specs) - set(flat)), sorted(set(flat) - set(specs))
   if missing or extra:
-    raise ValueError(f"to_hf: params do not match the config's model: missing {missing[:4]}, "
+    raise ConfigError(f"to_hf: params do not match the config's model: missing {missing[:4]}, "
                      f"unexpected {extra[:4]}")
   for p, spec in specs.items():
     if tuple(flat[p].shape) != tuple(spec.shape):
-      raise ValueError(f"to_hf: parameter {p!r} has shape {list(flat[p].shape)}, but the "
+      raise ConfigError(f"to_hf: parameter {p!r} has shape {list(flat[p].shape)}, but the "
                        f"config implies {list(spec.shape)}")
 
   def host(x):

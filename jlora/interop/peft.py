@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import shutil
 import tempfile
 from typing import Any, Mapping
 
@@ -37,6 +36,7 @@ from jlora import paths
 from jlora.config import LoraConfig
 from jlora.interop import hf
 from jlora.interop import peft_config as pc
+from jlora.errors import AdapterError, ConfigError, FormatError, short
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = pc.CONFIG_NAME
@@ -169,13 +169,44 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, jax.Array]:
   path = os.path.join(d, WEIGHTS_NAME)
   if not os.path.isfile(path):
     if os.path.isfile(os.path.join(d, "adapter_model.bin")):
-      raise ValueError(f"{d!r} has only a pickled adapter_model.bin; jlora reads safetensors only "
+      raise FormatError(f"{short(d)} has only a pickled adapter_model.bin; jlora reads safetensors only "
                        "(never pickle): re-save it from PEFT with safe_serialization=True")
-    raise FileNotFoundError(f"no {WEIGHTS_NAME} in {d!r}")
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} in {short(d)}")
+  _check_header(path)
   try:
     return load_file(path)
-  except SafetensorError as e:
-    raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+  except (SafetensorError, OSError, ValueError, TypeError) as e:
+    raise FormatError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
+                      f"{short(str(e), 300)}") from None
+
+
+MAX_KEY_LENGTH = 1024
+MAX_KEYS = 100_000
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _check_header(path: str) -> None:
+  """Names, count and dtypes of the file's tensors, from its header alone (no data read)."""
+  from safetensors import safe_open
+  try:
+    with safe_open(path, framework="numpy") as f:
+      keys = list(f.keys())
+      if len(keys) > MAX_KEYS:
+        raise FormatError(f"{short(path)}: {len(keys):,} tensors; a LoRA adapter has at most "
+                          f"{MAX_KEYS:,}")
+      for k in keys:
+        if len(k) > MAX_KEY_LENGTH:
+          raise FormatError(f"{short(path)}: tensor name {short(k, 100)} is {len(k):,} "
+                            f"characters long (at most {MAX_KEY_LENGTH})")
+        dtype = f.get_slice(k).get_dtype()
+        if dtype not in FLOAT_DTYPES:
+          raise FormatError(f"{short(path)}: tensor {short(k)} has dtype {dtype}; LoRA weights "
+                            f"are floating point {FLOAT_DTYPES}")
+  except FormatError:
+    raise
+  except Exception as e:  # noqa: BLE001 (safetensors raises its own and builtin kinds)
+    raise FormatError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
+                      f"{short(str(e), 300)}") from None
 
 
 def split_keys(tensors: Mapping[str, Any]) -> dict[str, dict[str, tuple[str, Any]]]:
@@ -200,14 +231,14 @@ def split_keys(tensors: Mapping[str, Any]) -> dict[str, dict[str, tuple[str, Any
       if rest.endswith("." + suffix):
         name = rest[:-len(suffix) - 1]
         if role in out[name]:
-          raise ValueError(f"{WEIGHTS_NAME}: module {name!r} has two {role} tensors "
-                           f"({out[name][role][0]!r} and {key!r})")
+          raise FormatError(f"{WEIGHTS_NAME}: module {short(name)} has two {role} tensors "
+                           f"({out[name][role][0]!r} and {short(key)})")
         out[name][role] = (key, t, kind)
         break
     else:
       unknown.append(key)
   if unknown:
-    raise ValueError(f"{WEIGHTS_NAME}: keys jlora does not understand (only LoRA A/B, "
+    raise FormatError(f"{WEIGHTS_NAME}: keys jlora does not understand (only LoRA A/B, "
                      f"DoRA magnitudes and embedding base copies are supported): {sorted(unknown)[:8]}"
                      + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""))
   return dict(out)
@@ -217,30 +248,30 @@ def _check_module(name: str, parts: dict, site: _Site, d: Mapping[str, Any]) -> 
   """Checks one module's tensors against the model and config; returns (rank, alpha)."""
   if "A" not in parts or "B" not in parts:
     missing = [r for r in ("A", "B") if r not in parts]
-    raise ValueError(f"{WEIGHTS_NAME}: module {name!r} lacks its lora_{'/'.join(missing)} tensor")
+    raise FormatError(f"{WEIGHTS_NAME}: module {short(name)} lacks its lora_{'/'.join(missing)} tensor")
   kind = parts["A"][2]
   if (kind == "embed") != (site.info.kind == "embed") or parts["B"][2] != kind:
-    raise ValueError(f"{WEIGHTS_NAME}: module {name!r} has {kind} LoRA keys but the model's "
+    raise FormatError(f"{WEIGHTS_NAME}: module {short(name)} has {kind} LoRA keys but the model's "
                      f"{site.path!r} is a {site.info.kind} weight")
   (ka, A, _), (kb, B, _) = parts["A"], parts["B"]
   if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-    raise ValueError(f"{WEIGHTS_NAME}: {ka!r} is {list(A.shape)} and {kb!r} is {list(B.shape)}: "
+    raise FormatError(f"{WEIGHTS_NAME}: {short(ka)} is {list(A.shape)} and {short(kb)} is {list(B.shape)}: "
                      "expected [r, in] and [out, r] with the same r")
   if A.shape[1] != site.n_in or B.shape[0] != site.n_out:
-    raise ValueError(f"{WEIGHTS_NAME}: module {name!r} has lora_A {list(A.shape)} and lora_B "
+    raise FormatError(f"{WEIGHTS_NAME}: module {short(name)} has lora_A {list(A.shape)} and lora_B "
                      f"{list(B.shape)}, but the model's {site.path!r} is {list(site.kernel_shape)} "
                      f"(a [{site.n_in} in, {site.n_out} out] matrix)")
   rank, alpha = pc.rank_alpha(d, name)
   if A.shape[0] != rank:
-    raise ValueError(f"{WEIGHTS_NAME}: module {name!r} has rank {A.shape[0]} (lora_A "
+    raise FormatError(f"{WEIGHTS_NAME}: module {short(name)} has rank {A.shape[0]} (lora_A "
                      f"{list(A.shape)}) but {CONFIG_NAME} gives it r={rank} (r={d.get('r')}, "
                      f"rank_pattern={d.get('rank_pattern') or {}})")
   if bool(d.get("use_dora")) != ("magnitude" in parts):
     what = "lacks" if d.get("use_dora") else "has"
-    raise ValueError(f"{WEIGHTS_NAME}: module {name!r} {what} a lora_magnitude_vector but "
+    raise FormatError(f"{WEIGHTS_NAME}: module {short(name)} {what} a lora_magnitude_vector but "
                      f"use_dora={bool(d.get('use_dora'))} in {CONFIG_NAME}")
   if "magnitude" in parts and tuple(parts["magnitude"][1].shape) != (site.n_out,):
-    raise ValueError(f"{WEIGHTS_NAME}: {parts['magnitude'][0]!r} is {list(parts['magnitude'][1].shape)}, "
+    raise FormatError(f"{WEIGHTS_NAME}: {short(parts['magnitude'][0])} is {list(parts['magnitude'][1].shape)}, "
                      f"expected [{site.n_out}] (one per output feature of {site.path!r})")
   return rank, alpha
 
@@ -252,17 +283,17 @@ def _check_base_copy(name: str, parts: dict, site: _Site) -> None:
   key, t, _ = parts["base"]
   w = site.weight
   if not isinstance(w, (jax.Array, np.ndarray)):
-    raise ValueError(f"{WEIGHTS_NAME}: {key!r} is a copy of the base weight, which jlora can only "
+    raise FormatError(f"{WEIGHTS_NAME}: {short(key)} is a copy of the base weight, which jlora can only "
                      f"accept after checking it equals the model's {site.path!r}: pass concrete "
                      "(unquantized) params")
   w = w if site.layer is None else w[site.layer]
   w = w if site.info.kind == "embed" else _torch_layout(w, site)
   if tuple(t.shape) != tuple(w.shape):
-    raise ValueError(f"{WEIGHTS_NAME}: {key!r} is {list(t.shape)} but the model's weight is "
+    raise FormatError(f"{WEIGHTS_NAME}: {short(key)} is {list(t.shape)} but the model's weight is "
                      f"{list(w.shape)} (resized embeddings are not supported)")
   low = min(jnp.dtype(t.dtype), jnp.dtype(w.dtype), key=lambda x: x.itemsize)
   if not bool(jnp.array_equal(jnp.asarray(t).astype(low), jnp.asarray(w).astype(low))):
-    raise ValueError(f"{WEIGHTS_NAME}: {key!r} (the base weight PEFT saved with the adapter) "
+    raise FormatError(f"{WEIGHTS_NAME}: {short(key)} (the base weight PEFT saved with the adapter) "
                      f"differs from the model's {site.path!r}: the adapter was trained with "
                      "changed or resized base weights, which jlora does not load")
 
@@ -294,7 +325,7 @@ def params_from_file(directory: str | os.PathLike, dtype=jnp.float32) -> dict:
   flat = {}
   for name, parts in split_keys(read_tensors(directory)).items():
     if "A" not in parts or "B" not in parts:
-      raise ValueError(f"{WEIGHTS_NAME}: module {name!r} lacks its lora_A or lora_B tensor")
+      raise FormatError(f"{WEIGHTS_NAME}: module {short(name)} lacks its lora_A or lora_B tensor")
     kind = parts["A"][2]
     path, _ = jlora_param_path(name, "embedding" if kind == "embed" else "kernel")
     shape = (parts["A"][1].shape[-1], parts["B"][1].shape[0])
@@ -385,21 +416,21 @@ def _check_coverage(d, modules: Mapping[str, Any], table: Mapping[str, _Site]) -
   """The file's modules, the config's targets and the model's modules must agree."""
   lacking = sorted(set(modules) - set(table))
   if lacking:
-    raise ValueError(f"{WEIGHTS_NAME} has weights for modules the model lacks: {lacking[:6]}"
+    raise FormatError(f"{WEIGHTS_NAME} has weights for modules the model lacks: {lacking[:6]}"
                      f"{' ...' if len(lacking) > 6 else ''} (the model's modules look like: "
                      f"{sorted(table)[:4]})")
   unused = pc.unused_targets(d, table)
   if unused:
-    raise ValueError(f"{CONFIG_NAME}: target_modules names {unused} but the model has no such "
+    raise ConfigError(f"{CONFIG_NAME}: target_modules names {unused} but the model has no such "
                      f"module (its modules look like: {sorted(table)[:4]})")
   targeted = {n for n, s in table.items() if pc.is_targeted(d, n, s.info.kind != "embed", s.is_head)}
   untargeted = sorted(set(modules) - targeted)
   if untargeted:
-    raise ValueError(f"{WEIGHTS_NAME} has weights for {untargeted[:6]}, which target_modules="
+    raise FormatError(f"{WEIGHTS_NAME} has weights for {untargeted[:6]}, which target_modules="
                      f"{d['target_modules']!r} does not select")
   missing = sorted(targeted - set(modules))
   if missing:
-    raise ValueError(f"{CONFIG_NAME}: target_modules={d['target_modules']!r} selects "
+    raise ConfigError(f"{CONFIG_NAME}: target_modules={d['target_modules']!r} selects "
                      f"{missing[:6]}{' ...' if len(missing) > 6 else ''}, but {WEIGHTS_NAME} "
                      "has no weights for them")
 
@@ -425,7 +456,7 @@ def _build_nodes(per_layer, table, d, dtype) -> dict[str, L.LoRA]:
     site = next(iter(layers_.values()))[3]
     settings = {(r, al) for r, al, _, _ in layers_.values()}
     if len(settings) > 1:
-      raise ValueError(f"the layers of the stacked weight {path!r} have different (rank, alpha) "
+      raise FormatError(f"the layers of the stacked weight {short(path)} have different (rank, alpha) "
                        f"in the PEFT adapter: {sorted(settings)}; one stacked LoRA needs one "
                        "rank and alpha (load into unscanned params instead)")
     (rank, alpha), = settings
@@ -457,7 +488,7 @@ def _stack_layers(path, layers_, site: _Site, rank, meta, dtype):
       mags.append(layers_[i][2][2])
       continue
     if not isinstance(site.weight, (jax.Array, np.ndarray)):
-      raise ValueError(f"DoRA adapter leaves layer {i} of {path!r} out: its magnitude ‖W‖ needs "
+      raise FormatError(f"DoRA adapter leaves layer {i} of {short(path)} out: its magnitude ‖W‖ needs "
                        "concrete (unquantized) params")
     probe = L.LoRA(a=jnp.asarray(zeros_a), b=jnp.asarray(zeros_b), **meta)
     mags.append(np.asarray(L.dora_norm(jnp.asarray(site.weight[i]), probe)).astype(dtype))
@@ -497,7 +528,7 @@ def _jlora_config(d, nodes: Mapping[str, L.LoRA], table, dtype) -> LoraConfig:
   cfg = LoraConfig(targets=sorted(paths.module_path(p) for p in nodes), rank_pattern=rp,
                    alpha_pattern=ap, **base)
   if not _selects(cfg, nodes, table):
-    raise ValueError("internal: the translated LoraConfig does not select exactly the PEFT "
+    raise FormatError("internal: the translated LoraConfig does not select exactly the PEFT "
                      "adapter's modules; please report this")
   return cfg
 
@@ -514,7 +545,8 @@ def _selects(cfg: LoraConfig, nodes: Mapping[str, L.LoRA], table) -> bool:
 # ---------------------------------------------------------------- save
 
 def save(directory: str | os.PathLike, adapter: Any, cfg: LoraConfig | None = None, *,
-         base_model_name_or_path: str | None = None, task_type: str | None = "CAUSAL_LM") -> None:
+         base_model_name_or_path: str | None = None, task_type: str | None = "CAUSAL_LM",
+         overwrite: bool = True) -> None:
   """Writes ``adapter`` as a PEFT LoRA adapter directory.
 
   ``adapter_model.safetensors`` gets PEFT's keys and layouts (``lora_A.weight
@@ -524,12 +556,15 @@ def save(directory: str | os.PathLike, adapter: Any, cfg: LoraConfig | None = No
   ``use_dora``, ``lora_dropout``, ``target_modules`` and rank/alpha patterns
   that reproduce every adapted module's rank and alpha under PEFT's rules.
 
-  The files are written to a temporary directory beside ``directory`` and
-  moved into place only when complete: a failure leaves any adapter already
-  in ``directory`` as it was.
+  The directory is replaced as a whole, atomically (the same helper as
+  ``jlora.save``): the files are written to a temporary directory beside it,
+  the old directory's other files (a README, say) are linked into it, and it
+  is swapped in with one rename. A failed or killed save leaves the old
+  adapter, config and weights together, as they were.
 
   Args:
     directory: output directory (created; an existing adapter there is replaced).
+    overwrite: replace an existing ``directory`` (else CheckpointError).
     adapter: the jlora adapter tree (Dense/Einsum and Embed weights; at most one
       stacked axis).
     cfg: the LoraConfig it was made with (for ``r``/``lora_alpha`` defaults,
@@ -549,7 +584,7 @@ def save(directory: str | os.PathLike, adapter: Any, cfg: LoraConfig | None = No
   """
   tensors, config = export(adapter, cfg, base_model_name_or_path=base_model_name_or_path,
                            task_type=task_type)
-  _write_atomic(os.fspath(directory), tensors, config)
+  _write_atomic(directory, tensors, config, overwrite)
 
 
 def export(adapter: Any, cfg: LoraConfig | None = None, *, base_model_name_or_path=None,
@@ -566,7 +601,7 @@ def export(adapter: Any, cfg: LoraConfig | None = None, *, base_model_name_or_pa
   """
   nodes = adapter_lib.loras(adapter)
   if not nodes:
-    raise ValueError("save: the adapter has no LoRA nodes")
+    raise AdapterError("save: the adapter has no LoRA nodes")
   for path, lo in nodes.items():
     _check_exportable(path, lo)
   _check_uniform(nodes, cfg)
@@ -576,7 +611,7 @@ def export(adapter: Any, cfg: LoraConfig | None = None, *, base_model_name_or_pa
     for layer in range(lo.stack_dims[0]) if lo.stack else [None]:
       name = hf_module_name(path, layer)
       if name in settings:
-        raise ValueError(f"save: {path!r} and another path both map to PEFT module {name!r}")
+        raise AdapterError(f"save: {short(path)} and another path both map to PEFT module {short(name)}")
       settings[name] = (lo.rank, float(lo.alpha), path)
       tensors.update(_module_tensors(name, lo, layer))
   config = _peft_config(nodes, settings, cfg, base_model_name_or_path, task_type)
@@ -585,19 +620,19 @@ def export(adapter: Any, cfg: LoraConfig | None = None, *, base_model_name_or_pa
 
 def _check_exportable(path: str, lo: L.LoRA) -> None:
   if lo.kind not in ("dense", "einsum", "embed"):
-    raise ValueError(f"save: {path!r} is a {lo.kind} LoRA; PEFT export supports Dense/Einsum "
+    raise AdapterError(f"save: {short(path)} is a {lo.kind} LoRA; PEFT export supports Dense/Einsum "
                      "(nn.Linear) and Embed (nn.Embedding) weights")
   if lo.stack > 1:
-    raise ValueError(f"save: {path!r} has {lo.stack} stacked axes {list(lo.stack_dims)}; "
+    raise AdapterError(f"save: {short(path)} has {lo.stack} stacked axes {list(lo.stack_dims)}; "
                      "PEFT export supports at most one (a scanned layer stack)")
   if lo.stack != _is_stack(path):
-    raise ValueError(f"save: {path!r} has {lo.stack} stacked axes; only a scanned 'layers/...' "
+    raise AdapterError(f"save: {short(path)} has {lo.stack} stacked axes; only a scanned 'layers/...' "
                      "stack (one axis) has per-layer Hugging Face module names")
   if lo.a.shape[-1] != lo.rank:
-    raise ValueError(f"save: {path!r} has a: {list(lo.a.shape)} padded beyond its rank "
+    raise AdapterError(f"save: {short(path)} has a: {list(lo.a.shape)} padded beyond its rank "
                      f"{lo.rank} (an AdapterBank slot?); PEFT needs the unpadded adapter")
   if lo.kind == "embed" and (len(lo.in_dims) != 1 or len(lo.out_dims) != 1):
-    raise ValueError(f"save: embedding {path!r} must be [vocab, dim], got {list(lo.kernel_shape)}")
+    raise AdapterError(f"save: embedding {short(path)} must be [vocab, dim], got {list(lo.kernel_shape)}")
 
 
 def _check_uniform(nodes: Mapping[str, L.LoRA], cfg: LoraConfig | None) -> None:
@@ -607,13 +642,13 @@ def _check_uniform(nodes: Mapping[str, L.LoRA], cfg: LoraConfig | None) -> None:
     values = {get(lo) for lo in nodes.values()}
     if len(values) > 1:
       some = sorted(p for p, lo in nodes.items() if get(lo))[:3]
-      raise ValueError(f"save: PEFT needs {what} on all adapted weights or none; it is on "
+      raise AdapterError(f"save: PEFT needs {what} on all adapted weights or none; it is on "
                        f"only some (e.g. {some})")
     if cfg is not None and values != {bool(want)}:
-      raise ValueError(f"save: the adapter's {what} setting {values.pop()} disagrees with cfg's "
+      raise AdapterError(f"save: the adapter's {what} setting {values.pop()} disagrees with cfg's "
                        f"{bool(want)}")
   if cfg is not None and cfg.init == "pissa":
-    raise ValueError("save: a PiSSA adapter (init='pissa') is relative to the residual base "
+    raise AdapterError("save: a PiSSA adapter (init='pissa') is relative to the residual base "
                      "unmerge(params, adapter); merge it, or save the residual base with it")
 
 
@@ -686,26 +721,22 @@ def _patterns(cfg: LoraConfig | None, settings, d) -> tuple[dict, dict]:
   return rp, ap
 
 
-def _write_atomic(directory: str, tensors: Mapping[str, np.ndarray], config: dict) -> None:
-  """Writes both files to a sibling temp dir, then moves them into ``directory``."""
+def _write_atomic(directory, tensors: Mapping[str, np.ndarray], config: dict,
+                  overwrite: bool) -> None:
+  """Both files into a new directory that replaces ``directory`` in one rename."""
   from safetensors.numpy import save_file
-  if os.path.exists(directory) and not os.path.isdir(directory):
-    raise ValueError(f"save: {directory!r} exists and is not a directory")
-  parent = os.path.dirname(os.path.abspath(directory))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(directory))}.tmp-", dir=parent)
-  try:
-    save_file(dict(tensors), os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+  from jlora.checkpoint import files
+  target = files.local_path(directory)
+  with files.atomic_directory(target, overwrite=overwrite, owned=lambda _: None,
+                              carry_over=True) as tmp:
+    if not files.is_primary():
+      return
+    weights = os.path.join(tmp, WEIGHTS_NAME)
+    save_file(dict(tensors), weights, metadata={"format": "pt"})
+    with open(weights, "rb+") as f:
+      os.fsync(f.fileno())
     with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
       json.dump(config, f, indent=2, sort_keys=True)
       f.write("\n")
-    if not os.path.exists(directory):
-      os.rename(tmp, directory)
-      return
-    # an existing directory keeps its other files; ours are swapped in one by
-    # one (each rename is atomic), the config last.
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-      os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-  finally:
-    if os.path.isdir(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+      f.flush()
+      os.fsync(f.fileno())

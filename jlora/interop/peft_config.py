@@ -11,16 +11,22 @@ PEFT's own, applied to those names:
 - a ``rank_pattern`` / ``alpha_pattern`` key matches a name when
   ``re.match(rf"(.*\\.)?({key})$", name)`` does; the first such key wins.
 
+These regular expressions come from files strangers publish, so they are
+matched by :mod:`jlora.safe_regex` (same meaning, linear time), never by
+backtracking ``re``.
+
 Fields that change numbers and that jlora does not implement are rejected by
 name; fields that only describe training or provenance are accepted.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
-import re
 from typing import Any, Iterable, Mapping
 
+from jlora import safe_regex
+from jlora.errors import ConfigError, short
 from jlora.interop.safetensors_io import read_json
 
 CONFIG_NAME = "adapter_config.json"
@@ -72,7 +78,8 @@ def read(directory: str | os.PathLike) -> dict:
 
   Raises:
     FileNotFoundError: no config in ``directory``.
-    ValueError: malformed JSON, or a field jlora does not support (named).
+    FormatError: malformed JSON.
+    ConfigError: a field jlora does not support, or a value it cannot use (named).
 
   Example:
     >>> import tempfile
@@ -84,7 +91,8 @@ def read(directory: str | os.PathLike) -> dict:
   """
   path = os.path.join(os.fspath(directory), CONFIG_NAME)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}: not a PEFT adapter directory")
+    raise FileNotFoundError(f"no {CONFIG_NAME} in {short(os.fspath(directory))}: not a PEFT "
+                            "adapter directory")
   d = read_json(path)
   validate(d, path)
   return d
@@ -95,80 +103,111 @@ def _unset(v: Any) -> bool:
 
 
 def validate(d: Mapping[str, Any], where: str = CONFIG_NAME) -> None:
-  """Raises a ValueError naming every field of ``d`` that jlora cannot honour.
+  """Raises a ConfigError naming every field of ``d`` that jlora cannot honour.
 
   Example:
     >>> validate({"target_modules": ["q_proj"], "bias": "all"})
     Traceback (most recent call last):
     ...
-    ValueError: adapter_config.json: unsupported PEFT adapter settings: bias='all' (trained biases; only 'none' is supported)
+    jlora.errors.ConfigError: adapter_config.json: unsupported PEFT adapter settings: bias='all' (trained biases; only 'none' is supported)
   """
   bad = []
   if d.get("peft_type", "LORA") != "LORA":
-    bad.append(f"peft_type={d['peft_type']!r} (only LORA adapters are supported)")
+    bad.append(f"peft_type={short(d['peft_type'], 60)} (only LORA adapters are supported)")
   for name, what in MUST_BE_DEFAULT.items():
     v = d.get(name)
     if name == "bias":
       if v not in (None, "none"):
-        bad.append(f"bias={v!r} ({what}; only 'none' is supported)")
+        bad.append(f"bias={short(v, 60)} ({what}; only 'none' is supported)")
     elif name == "layers_pattern":
       if not _unset(v) and not _unset(d.get("layers_to_transform")):
-        bad.append(f"layers_pattern={v!r} ({what})")
+        bad.append(f"layers_pattern={short(v, 60)} ({what})")
     elif not _unset(v):
-      bad.append(f"{name}={v!r} ({what})")
+      bad.append(f"{name}={short(v, 60)} ({what})")
   init = d.get("init_lora_weights", True)
-  if init not in PLAIN_INITS:
+  if not isinstance(init, (bool, str)) or init not in PLAIN_INITS:
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
-      bad.append(f"init_lora_weights={init!r} (this init rewrites the base weights, so the adapter "
+      bad.append(f"init_lora_weights={short(init, 60)} (this init rewrites the base weights, so the adapter "
                  "only fits PEFT's residual base; convert it to plain LoRA with PEFT's "
                  "save_pretrained(..., path_initial_model_for_weight_conversion=...) first)")
     else:
-      bad.append(f"init_lora_weights={init!r} (a LoRA variant jlora does not implement)")
+      bad.append(f"init_lora_weights={short(init, 60)} (a LoRA variant jlora does not implement)")
+  if d.get("peft_type", "LORA") != "LORA" and not isinstance(d.get("peft_type"), str):
+    bad.append(f"peft_type={short(d['peft_type'], 60)} (must be a string)")
   known = set(SUPPORTED) | set(INFORMATIONAL) | set(MUST_BE_DEFAULT)
-  for name in sorted(set(d) - known):
-    if not _unset(d[name]):
-      bad.append(f"{name}={d[name]!r} (a field jlora does not know)")
+  unknown = [n for n in sorted(set(d) - known) if not _unset(d[n])]
+  for name in unknown[:8]:
+    bad.append(f"{name if len(name) <= 60 else short(name, 60)}={short(d[name], 60)} "
+               "(a field jlora does not know)")
+  if len(unknown) > 8:
+    bad.append(f"and {len(unknown) - 8} more unknown fields")
   bad += _check_values(d)
   if bad:
-    raise ValueError(f"{where}: unsupported PEFT adapter settings: " + "; ".join(bad))
+    raise ConfigError(f"{where}: unsupported PEFT adapter settings: " + "; ".join(bad[:12]))
+
+
+MAX_RANK = 1 << 16
+
+
+def _rank_ok(r) -> bool:
+  return isinstance(r, int) and not isinstance(r, bool) and 0 < r <= MAX_RANK
+
+
+def _alpha_ok(a) -> bool:
+  return isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) and a > 0
+
+
+def _pattern_error(pattern, what: str, shown) -> str | None:
+  why = safe_regex.why_not(pattern)
+  return None if why is None else f"{what} {short(shown, 60)} {why}"
 
 
 def _check_values(d: Mapping[str, Any]) -> list[str]:
   bad = []
   r = d.get("r", 8)
-  if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-    bad.append(f"r={r!r} (must be a positive int)")
+  if not _rank_ok(r):
+    bad.append(f"r={short(r, 40)} (must be a positive int"
+               f"{f' up to {MAX_RANK}' if isinstance(r, int) and r > 0 else ''})")
   alpha = d.get("lora_alpha", 8)
-  if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
-    bad.append(f"lora_alpha={alpha!r} (must be a positive number)")
+  if not _alpha_ok(alpha):
+    bad.append(f"lora_alpha={short(alpha, 40)} (must be a positive finite number)")
   dropout = d.get("lora_dropout", 0.0)
-  if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
-    bad.append(f"lora_dropout={dropout!r} (must be in [0, 1))")
+  if dropout is not None and (not isinstance(dropout, (int, float)) or isinstance(dropout, bool)
+                              or not 0 <= dropout < 1):
+    bad.append(f"lora_dropout={short(dropout, 40)} (must be in [0, 1))")
   for field in ("use_rslora", "use_dora"):
     if not isinstance(d.get(field, False), bool):
-      bad.append(f"{field}={d[field]!r} (must be true or false)")
-  tm = d.get("target_modules")
-  if tm is None or (not isinstance(tm, str) and not _is_str_list(tm)):
-    bad.append(f"target_modules={tm!r} (must be a list of module names or a regex string)")
-  em = d.get("exclude_modules")
-  if em is not None and not isinstance(em, str) and not _is_str_list(em):
-    bad.append(f"exclude_modules={em!r} (must be a list of module names or a regex string)")
+      bad.append(f"{field}={short(d[field], 40)} (must be true or false)")
+  for field in ("target_modules", "exclude_modules"):
+    spec = d.get(field)
+    if spec is None and field == "exclude_modules":
+      continue
+    if isinstance(spec, str):
+      why = None if spec.lower() == ALL_LINEAR else _pattern_error(spec, field, spec)
+      bad += [why] if why else []
+    elif not _is_str_list(spec):
+      bad.append(f"{field}={short(spec, 60)} (must be a list of module names or a regex string)")
   for field in ("rank_pattern", "alpha_pattern"):
     pat = d.get(field) or {}
     if not isinstance(pat, dict):
-      bad.append(f"{field}={pat!r} (must be a mapping)")
+      bad.append(f"{field}={short(pat, 60)} (must be a mapping)")
       continue
-    for key, value in pat.items():
-      try:
-        re.compile(key)
-      except re.error as e:
-        bad.append(f"{field} key {key!r} does not compile ({e})")
-      ok = (isinstance(value, int) and value > 0 if field == "rank_pattern"
-            else isinstance(value, (int, float)) and value > 0)
-      if not ok or isinstance(value, bool):
-        bad.append(f"{field}[{key!r}]={value!r} (must be a positive "
-                   f"{'int' if field == 'rank_pattern' else 'number'})")
+    for key, value in list(pat.items())[:1000]:
+      why = _pattern_error(_peft_key(key), f"{field} key", key)
+      bad += [why] if why else []
+      if not (_rank_ok(value) if field == "rank_pattern" else _alpha_ok(value)):
+        bad.append(f"{field}[{short(key, 60)}]={short(value, 40)} (must be a positive "
+                   f"{'int' if field == 'rank_pattern' else 'finite number'}"
+                   f"{f' up to {MAX_RANK}' if isinstance(value, int) and value > 0 else ''})")
+    if len(pat) > 1000:
+      bad.append(f"{field} has {len(pat)} keys (at most 1000 are read)")
   return bad
+
+
+def _peft_key(key: str) -> str:
+  """PEFT's pattern rule ``re.match(rf"(.*\\.)?({key})$", name)`` as one full-match regex
+  (``re.match`` matches a prefix: the same text followed by anything)."""
+  return rf"(?:(.*\.)?({key})$)[\s\S]*"
 
 
 def _is_str_list(x) -> bool:
@@ -199,7 +238,7 @@ def is_targeted(d: Mapping[str, Any], name: str, linear: bool, head: bool) -> bo
 
 def _name_matches(spec: str | Iterable[str], name: str) -> bool:
   if isinstance(spec, str):
-    return re.fullmatch(spec, name) is not None
+    return safe_regex.fullmatch(spec, name, "target_modules")
   return any(name == s or name.endswith("." + s) for s in spec)
 
 
@@ -225,7 +264,7 @@ def pattern_value(pattern: Mapping[str, Any] | None, name: str, default):
     2
   """
   for key, value in (pattern or {}).items():
-    if re.match(rf"(.*\.)?({key})$", name):
+    if safe_regex.fullmatch(_peft_key(key), name, "pattern key"):
       return value
   return default
 

@@ -16,22 +16,35 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jlora.errors import FormatError, short
+
+
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
+MAX_JSON_BYTES = 64 << 20
+"""Largest JSON file (config, index) read; real ones are kilobytes."""
+
+
 def read_json(path: str) -> dict:
-  """Parses a JSON object file, with errors that name it."""
+  """Parses a JSON object file, with errors that name it (FormatError)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} does not exist")
+  size = os.path.getsize(path)
+  if size > MAX_JSON_BYTES:
+    raise FormatError(f"{path}: {size:,} bytes is too large for a JSON config "
+                      f"(at most {MAX_JSON_BYTES:,})")
   try:
     with open(path, encoding="utf-8") as f:
       data = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from None
+    raise FormatError(f"{path}: not valid JSON ({short(str(e), 200)})") from None
+  except RecursionError:
+    raise FormatError(f"{path}: not valid JSON (nested too deeply)") from None
   if not isinstance(data, dict):
-    raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
   return data
 
 
@@ -71,7 +84,7 @@ class Checkpoint:
       have = set(f.keys())
       for name, where in self._files.items():
         if where == fname and name not in have:
-          raise ValueError(f"{os.path.join(self.directory, INDEX)} maps tensor {name!r} to "
+          raise FormatError(f"{os.path.join(self.directory, INDEX)} maps tensor {short(name)} to "
                            f"{fname}, which does not contain it")
 
   def __enter__(self) -> "Checkpoint":
@@ -108,7 +121,7 @@ class Checkpoint:
             self._handles[self._files[name]].get_tensor(name)
       return np.asarray(x)
     except Exception as e:  # safetensors raises its own error types
-      raise ValueError(f"cannot read tensor {name!r} from {self.file_of(name)}: {e}") from None
+      raise FormatError(f"cannot read tensor {short(name)} from {self.file_of(name)}: {e}") from None
 
 
 def _open(path: str):
@@ -117,7 +130,7 @@ def _open(path: str):
   try:
     return safe_open(path, framework="flax")
   except Exception as e:
-    raise ValueError(f"{path} is not a valid safetensors file "
+    raise FormatError(f"{path} is not a valid safetensors file "
                      f"(truncated, or a header that disagrees with the data?): {e}") from None
 
 
@@ -128,10 +141,10 @@ def _weight_map(directory: str) -> dict[str, str] | None:
   if os.path.exists(index):
     wmap = read_json(index).get("weight_map")
     if not isinstance(wmap, dict) or not wmap:
-      raise ValueError(f"{index} has no 'weight_map' object of tensor name -> file")
+      raise FormatError(f"{index} has no 'weight_map' object of tensor name -> file")
     for name, fname in wmap.items():
       if not isinstance(fname, str) or os.path.basename(fname) != fname or fname in ("", ".", ".."):
-        raise ValueError(f"{index}: tensor {name!r} maps to {fname!r}, which is not a file "
+        raise FormatError(f"{index}: tensor {short(name)} maps to {short(fname)}, which is not a file "
                          "name in the checkpoint directory")
     return dict(wmap)
   if os.path.exists(os.path.join(directory, SINGLE)):

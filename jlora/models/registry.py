@@ -99,11 +99,15 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype=jnp.float32, scan_layers: boo
   if hf.get("quantization_config"):
     raise ConfigError(f"{source}: a pre-quantized checkpoint (quantization_config) cannot be "
                       "loaded; load the full-precision weights and use from_hf(quantize=...)")
-  fields = fam.read(HFConfig(hf, source, fam.defaults.get(mt, {})))
   try:
+    fields = fam.read(HFConfig(hf, source, fam.defaults.get(mt, {})))
     return LlamaConfig(**fields, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f"{source}: {e}") from None
+  except ConfigError:
+    raise
+  except (TypeError, ValueError, KeyError, ZeroDivisionError, OverflowError, AttributeError) as e:
+    from jlora.errors import short
+    raise ConfigError(f"{source}: a field has a value jlora cannot use ({type(e).__name__}: "
+                      f"{short(str(e), 200)})") from None
 
 
 def config_to_hf(cfg: LlamaConfig, dtype: str = "float32") -> dict:

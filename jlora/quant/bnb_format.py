@@ -27,6 +27,7 @@ import numpy as np
 from jlora.quant import codebooks as C
 from jlora.quant.blockwise import NESTED_BLOCK, num_blocks
 from jlora.quant.qarray import QArray
+from jlora.errors import FormatError, short
 
 STATE_KEY = ".quant_state.bitsandbytes__"
 BNB_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -62,22 +63,69 @@ def to_bnb(q: QArray, name: str = "weight") -> dict[str, np.ndarray]:
 
 def _check_exportable(q: QArray, name: str) -> None:
   if q.lead_shape:
-    raise ValueError(f"{name}: bitsandbytes stores one 2-D weight per tensor; this QArray has "
+    raise FormatError(f"{name}: bitsandbytes stores one 2-D weight per tensor; this QArray has "
                      f"shape {list(q.shape)} (export each q[i] of a stacked kernel separately)")
   if q.scheme not in C.BNB_SCHEMES:
-    raise ValueError(f"{name}: bitsandbytes 4-bit supports {C.BNB_SCHEMES}, not {q.scheme!r}")
+    raise FormatError(f"{name}: bitsandbytes 4-bit supports {C.BNB_SCHEMES}, not {q.scheme!r}")
   if q.block_size not in BNB_BLOCK_SIZES:
-    raise ValueError(f"{name}: bitsandbytes accepts block sizes {BNB_BLOCK_SIZES}, got {q.block_size}")
+    raise FormatError(f"{name}: bitsandbytes accepts block sizes {BNB_BLOCK_SIZES}, got {q.block_size}")
   if np.dtype(q.dtype).name not in BNB_DTYPES:
-    raise ValueError(f"{name}: bitsandbytes 4-bit weights are {BNB_DTYPES}, not {np.dtype(q.dtype)}")
+    raise FormatError(f"{name}: bitsandbytes 4-bit weights are {BNB_DTYPES}, not {np.dtype(q.dtype)}")
 
 
 def _state(tensors: Mapping[str, Any], name: str) -> tuple[str, dict]:
   keys = [k for k in tensors if k.startswith(name + STATE_KEY)]
   if len(keys) != 1:
-    raise ValueError(f"{name}: expected one '{name}{STATE_KEY}<nf4|fp4>' entry, found {keys}")
-  blob = np.ascontiguousarray(np.asarray(tensors[keys[0]]).astype(np.uint8)).tobytes()
-  return keys[0], json.loads(blob.decode("utf-8"))
+    raise FormatError(f"{short(name)}: expected one '{short(name)[1:-1]}{STATE_KEY}<nf4|fp4>' "
+                      f"entry, found {len(keys)}")
+  raw = np.asarray(tensors[keys[0]])
+  if raw.dtype != np.uint8 or raw.size > 1 << 16:
+    raise FormatError(f"{short(keys[0])}: the quant state must be a JSON blob in a uint8 tensor "
+                      f"of at most 64 KiB, got {raw.dtype}[{raw.size}]")
+  try:
+    st = json.loads(np.ascontiguousarray(raw).tobytes().decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+    raise FormatError(f"{short(keys[0])}: the quant state is not valid JSON "
+                      f"({short(str(err), 100)})") from None
+  _check_state(st, keys[0])
+  return keys[0], st
+
+
+def _check_state(st, key: str) -> None:
+  """The fields of a quant state that decide the numbers, each checked with its expected values."""
+  def bad(field, want):
+    value = st.get(field) if isinstance(st, dict) else st
+    raise FormatError(f"{short(key)}: quant state {field}={short(value, 60)} (expected {want})")
+  if not isinstance(st, dict):
+    bad("(the state)", "a JSON object")
+  if st.get("quant_type") not in C.BNB_SCHEMES:
+    bad("quant_type", f"one of {C.BNB_SCHEMES}")
+  if st.get("blocksize") not in BNB_BLOCK_SIZES or isinstance(st.get("blocksize"), bool):
+    bad("blocksize", f"one of {BNB_BLOCK_SIZES}")
+  if st.get("dtype") not in BNB_DTYPES:
+    bad("dtype", f"one of {BNB_DTYPES}: the dtype 4-bit weights dequantize to")
+  shape = st.get("shape")
+  if not (isinstance(shape, list) and len(shape) == 2 and
+          all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 1 << 31 for d in shape)):
+    bad("shape", "[out, in], two positive ints")
+  if "nested_offset" in st:
+    off = st["nested_offset"]
+    if isinstance(off, bool) or not isinstance(off, (int, float)) or not np.isfinite(off):
+      bad("nested_offset", "a finite number")
+    if st.get("nested_blocksize", NESTED_BLOCK) != NESTED_BLOCK:
+      bad("nested_blocksize", f"{NESTED_BLOCK} (bitsandbytes' default; others are not supported)")
+    if st.get("nested_dtype", "float32") != "float32":
+      bad("nested_dtype", "float32")
+
+
+def _tensor(tensors: Mapping[str, Any], key: str, dtypes: tuple, size: int | None = None):
+  if key not in tensors:
+    raise FormatError(f"{short(key)} is missing (a bitsandbytes 4-bit weight needs it)")
+  x = np.asarray(tensors[key])
+  if x.dtype.name not in dtypes or (size is not None and x.size != size):
+    raise FormatError(f"{short(key)} is {x.dtype}{list(x.shape)}, expected "
+                      f"{' or '.join(dtypes)} with {size if size is not None else 'any'} elements")
+  return x
 
 
 def _same(a, b) -> bool:
@@ -89,36 +137,30 @@ def from_bnb(tensors: Mapping[str, Any], name: str = "weight") -> QArray:
   """Builds the QArray (a Flax kernel ``[in, out]``) from bitsandbytes' tensors for ``name``.
 
   ``tensors`` maps the keys listed in the module docstring to arrays (NumPy,
-  or anything ``np.asarray`` reads). Raises ValueError for a layout jlora does
-  not reproduce bit for bit (custom code books, other nested block sizes).
+  or anything ``np.asarray`` reads). Every field and tensor is checked
+  against the others before anything is built; a FormatError names the first
+  that is wrong, including layouts jlora does not reproduce bit for bit
+  (custom code books, other nested block sizes, a non-float ``dtype``).
   """
   _, st = _state(tensors, name)
-  scheme, bs = st["quant_type"], int(st["blocksize"])
-  if scheme not in C.BNB_SCHEMES or len(st["shape"]) != 2:
-    raise ValueError(f"{name}: unsupported bitsandbytes state {st}")
-  if not _same(tensors[f"{name}.quant_map"], C.TABLES[scheme]):
-    raise ValueError(f"{name}: quant_map is not bitsandbytes' {scheme} table")
-  out_f, in_f = (int(d) for d in st["shape"])
+  scheme, bs = st["quant_type"], st["blocksize"]
+  out_f, in_f = st["shape"]
   n, nb = out_f * in_f, num_blocks(out_f * in_f, bs)
-  packed = np.ascontiguousarray(np.asarray(tensors[name])).view(np.uint8).reshape(-1)
-  if packed.size != (n + 1) // 2:
-    raise ValueError(f"{name}: packed weight has {packed.size} bytes, expected {(n + 1) // 2} "
-                     f"for shape {[out_f, in_f]}")
+  if not _same(_tensor(tensors, f"{name}.quant_map", ("float32",), 16), C.TABLES[scheme]):
+    raise FormatError(f"{short(name)}: quant_map is not bitsandbytes' {scheme} table")
+  packed = _tensor(tensors, name, ("uint8",), (n + 1) // 2).reshape(-1)
   zero = int(np.argmin(np.abs(C.TABLES[scheme])))      # pad with the code of 0, as quantizing does
   codes = np.full(nb * bs // 2, (zero << 4) | zero, np.uint8)
   codes[:packed.size] = packed
   nested = offset = None
-  scales = np.asarray(tensors[f"{name}.absmax"])
   if "nested_offset" in st:
-    if int(st.get("nested_blocksize", NESTED_BLOCK)) != NESTED_BLOCK or \
-        not _same(tensors[f"{name}.nested_quant_map"], C.dynamic_map()):
-      raise ValueError(f"{name}: nested quantization is not bitsandbytes' default (blocks of "
-                       f"{NESTED_BLOCK}, dynamic map): {st}")
-    nested = np.asarray(tensors[f"{name}.nested_absmax"], np.float32)
+    scales = _tensor(tensors, f"{name}.absmax", ("uint8",), nb)
+    if not _same(_tensor(tensors, f"{name}.nested_quant_map", ("float32",), 256), C.dynamic_map()):
+      raise FormatError(f"{short(name)}: nested_quant_map is not bitsandbytes' dynamic map")
+    nested = _tensor(tensors, f"{name}.nested_absmax", ("float32",), -(-nb // NESTED_BLOCK))
     offset = np.asarray(st["nested_offset"], np.float32)
-    scales = scales.astype(np.uint8)
   else:
-    scales = scales.astype(np.float32)
+    scales = _tensor(tensors, f"{name}.absmax", ("float32",), nb)
   return QArray(codes.reshape(nb, bs // 2), scales.reshape(nb), nested, offset, scheme=scheme,
                 block_size=bs, matrix_shape=(in_f, out_f), dtype=np.dtype(_dtype(st["dtype"])))
 
