@@ -282,6 +282,7 @@ class AdapterBank:
   """
   nodes: dict
   names: jax.Array
+  _jlora_node = True   # one leaf for jlora's tree functions (saved and restored whole)
   rank: int = dataclasses.field(metadata=dict(static=True))
 
   # ------------------------------------------------------------------ reading
@@ -438,6 +439,11 @@ class AdapterBank:
         zero = _empty_node(next(q[p] for q in parts if p in q), 1, 1)
         part[p] = L.LoRA(a=zero.a[0], b=zero.b[0], alpha=1.0, in_axes=node.in_axes,
                          out_axes=node.out_axes, kind=node.kind)
+    if method == "cat":
+      total = max(sum(part[p].a.shape[-1] for part in parts if p in part) for p in every)
+      if total > self.rank:
+        raise AdapterError(f"bank.combine: 'cat' gives rank {total} > the bank's {self.rank}; "
+                           "use method='svd' with rank=bank.rank (or a bank of a larger rank)")
     merged = combine([paths.unflatten(p) for p in parts], weights=list(weights), method=method,
                      **kw)
     return self.add(new_name, merged)

@@ -257,3 +257,15 @@ def test_peft_mixed_batch_is_the_oracle(tmp_path):
   got = jlora.apply(model, {"params": params}, bank, jnp.asarray(ids),
                     adapter_ids=bank.ids([None if n == "__base__" else n for n in names]))
   assert rel_err(got, want) < 1e-5
+
+
+def test_a_bank_saves_and_restores_as_one_checkpoint(llama, tmp_path):
+  model, params, ids, ads = llama
+  bank = jlora.AdapterBank.stack(ads, capacity=4).remove("b")
+  jlora.save(tmp_path / "bank", bank)
+  back = jlora.restore(tmp_path / "bank")
+  assert isinstance(back, jlora.AdapterBank) and back.slot_names == bank.slot_names
+  aid = bank.ids(["a", None, "c", "a", "c"])
+  np.testing.assert_array_equal(
+      jlora.apply(model, {"params": params}, back, ids, adapter_ids=aid),
+      jlora.apply(model, {"params": params}, bank, ids, adapter_ids=aid))

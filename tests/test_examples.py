@@ -37,3 +37,13 @@ def test_finetune_demo_runs(tmp_path):
   assert history["step"] == [1, 2, 3, 4, 5] and len(history["loss"]) == 5
   refused = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
   assert refused.returncode != 0 and "pass --resume" in refused.stderr
+
+
+def test_serve_many_runs(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  cmd = [sys.executable, str(ROOT / "examples" / "serve_many.py"), "--pretrain-steps", "2",
+         "--steps", "2", "--batch-size", "4", "--rows", "5"]
+  proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "read back from the PEFT directory" in proc.stdout
+  assert "rows right:" in proc.stdout and "(base)" in proc.stdout and "mirror" in proc.stdout

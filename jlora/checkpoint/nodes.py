@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
 
 from jlora.errors import short
@@ -102,12 +103,33 @@ def check_qarray(q) -> str | None:
   return None
 
 
+def check_bank_node(node) -> str | None:
+  """Why a restored bank entry (``BankLoRA``) is not one jlora computes with, or None."""
+  a, b, scale, ranks = node.a, node.b, node.scale, node.ranks
+  if not all(hasattr(x, "shape") for x in (a, b, scale, ranks)):
+    return "a, b, scale and ranks must be arrays"
+  if not (_float_dtype(a) and _float_dtype(b) and _float_dtype(scale)) or \
+      not jnp.issubdtype(ranks.dtype, jnp.integer):
+    return "a, b and scale must be floating point and ranks integer"
+  n = a.shape[0] if a.ndim else -1
+  if a.ndim < 3 or b.ndim < 3 or b.shape[0] != n or tuple(scale.shape) != (n,) or \
+      tuple(ranks.shape) != (n,) or a.shape[-1] != b.shape[1 + node.stack]:
+    return f"a: {list(a.shape)}, b: {list(b.shape)}, scale, ranks do not fit one bank"
+  if not np.all(np.isfinite(np.asarray(scale))) or np.any(np.asarray(ranks) < 0) or \
+      np.any(np.asarray(ranks) > a.shape[-1]):
+    return "scale must be finite and each rank within [0, R]"
+  return None
+
+
 def check_node(node) -> str | None:
-  """``check_lora`` / ``check_qarray`` for those classes; None for other node classes."""
+  """``check_lora`` / ``check_qarray`` / ``check_bank_node`` for those classes; None for others."""
+  from jlora.bank import BankLoRA
   from jlora.lora import LoRA
   from jlora.quant.qarray import QArray
   if isinstance(node, LoRA):
     return check_lora(node)
   if isinstance(node, QArray):
     return check_qarray(node)
+  if isinstance(node, BankLoRA):
+    return check_bank_node(node)
   return None

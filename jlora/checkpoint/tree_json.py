@@ -38,9 +38,11 @@ def register_node(cls: type, name: str | None = None) -> type:
 
 
 def _node_classes() -> dict[str, type]:
+  from jlora.bank import AdapterBank, BankLoRA
   from jlora.lora import LoRA
   from jlora.quant import QArray
-  return {"LoRA": LoRA, "QArray": QArray, **_EXTRA_NODES}
+  return {"LoRA": LoRA, "QArray": QArray, "AdapterBank": AdapterBank, "BankLoRA": BankLoRA,
+          **_EXTRA_NODES}
 
 
 class BadMetadata(Exception):
