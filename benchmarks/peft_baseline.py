@@ -1,4 +1,5 @@
-# Copied verbatim from the project's shared anchors (../shared/anchors/peft_baseline.py) so it travels to the GPU machine.
+# Copied from the project's shared anchors (../shared/anchors/peft_baseline.py) so it travels to the GPU
+# machine; one addition, marked: the 'frozen' variant (the frozen-base step of benchmarks/RESULTS.md).
 """Anchor baseline: HF PEFT LoRA / QLoRA / full fine-tune training step on a
 TinyLlama-1.1B-shaped Llama (random init, no download), one GPU.
 Prints tokens/s and peak memory per variant.  Run on the device machine."""
@@ -39,6 +40,10 @@ lcfg = lambda: LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_drop
 if "lora" in sys.argv:
     m = get_peft_model(fresh(), lcfg())
     run("peft_lora_bf16", m, [p for p in m.parameters() if p.requires_grad]); del m; gc.collect(); torch.cuda.empty_cache()
+if "frozen" in sys.argv:  # (jlora addition) the frozen-base step: one rank-1 adapter on layer 0's q_proj
+    m = get_peft_model(fresh(), LoraConfig(r=1, lora_alpha=2, target_modules=["q_proj"], layers_to_transform=[0],
+                                           lora_dropout=0.0, task_type="CAUSAL_LM"))
+    run("peft_frozen_base", m, [p for p in m.parameters() if p.requires_grad]); del m; gc.collect(); torch.cuda.empty_cache()
 if "full" in sys.argv:
     m = fresh(); run("full_ft_bf16", m, list(m.parameters())); del m; gc.collect(); torch.cuda.empty_cache()
 if "qlora" in sys.argv:

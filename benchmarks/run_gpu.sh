@@ -5,16 +5,22 @@
 #   bash benchmarks/run_gpu.sh peft70b  # 70B QLoRA with PEFT + bitsandbytes
 #   bash benchmarks/run_gpu.sh probe    # kernel-time table, command buffers off, dequant alone
 #   bash benchmarks/run_gpu.sh scale    # 8B LoRA scaling over 1/2/4 GPUs (needs nvidia-h200-x4; not yet run)
+#   bash benchmarks/run_gpu.sh pair     # nvidia-h200-x2: two queues of one-GPU runs side by side:
+#        GPU 0: jlora (this tree) vs the code before the jaxpr transformation (.bench_old,
+#        exported with `git archive 29428b6 jlora benchmarks/train_step.py`), lora/qlora,
+#        unrolled/scanned, chunked loss, frozen base, no sibling fusion;
+#        GPU 1: qwix (its wheel in .whl), PEFT (+ bitsandbytes), the bank and the bf16 curve
 # bitsandbytes travels as a wheel in .whl/ (ignored by git) and goes to /tmp/site,
 # so nothing replaces the image's CUDA jax or torch. Logs and traces go to $OUT.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-pip install -q --no-deps --target /tmp/site .whl/bitsandbytes-*.whl >/dev/null 2>&1
+pip install -q --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=$PWD:/tmp/site XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import jax, flax, torch, transformers, peft; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 run() { echo "+ $*"; "$@" 2>&1 | grep -v Warning | tail -4; }
+full() { echo "+ $*"; "$@" 2>&1 | grep -v "Warning\|it/s]"; }
 case "$1" in
   tiny)  # the BENCHMARKS.md workload, jlora (unrolled and scanned layers) then the anchor
     for v in lora qlora; do
@@ -40,5 +46,30 @@ case "$1" in
     rm -rf "${OUT:?}/prof"
     XLA_FLAGS=--xla_gpu_enable_command_buffer= run python3 benchmarks/train_step.py lora --scan 0
     run python3 benchmarks/dequant.py ;;
-  *) echo "usage: bash benchmarks/run_gpu.sh tiny|large|peft70b|probe|scale" >&2; exit 2 ;;
+  pair)
+    T="python3 benchmarks/train_step.py"
+    # a quick smoke run first: stop here (not minutes later) if this image breaks something
+    $T lora --preset tiny --batch 2 --seq 64 --steps 2 2>&1 | grep RESULT | cut -c1-120 || exit 1
+    python3 benchmarks/bank.py --preset tiny --rows 8 --new 4 --seq 32 2>&1 | tail -3 || exit 1
+    ( export CUDA_VISIBLE_DEVICES=0
+      for v in "lora --scan 0" "qlora --scan 0" "lora --scan 1" "qlora --scan 1"; do
+        full $T $v
+        (cd .bench_old && PYTHONPATH=$PWD:/tmp/site full python3 benchmarks/train_step.py $v)
+      done
+      full $T lora --scan 0 --loss chunked
+      full $T qlora --scan 0 --loss chunked
+      full $T lora --scan 0 --loss chunked --frozen
+      full $T lora --scan 0 --fuse 0
+    ) > "$OUT/gpu0.log" 2>&1 &
+    ( export CUDA_VISIBLE_DEVICES=1
+      full python3 benchmarks/qwix_llama.py lora --skip-check
+      full python3 benchmarks/qwix_llama.py lora --frozen --skip-check
+      full python3 benchmarks/qwix_llama.py qlora --skip-check
+      full python3 benchmarks/peft_baseline.py lora frozen full qlora
+      full python3 benchmarks/bank.py
+      XLA_PYTHON_CLIENT_PREALLOCATE=false full python3 benchmarks/curve.py --out "$OUT"
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    grep -h "^+ \|RESULT\|^peft_\|^full_ft\|Error\|error" "$OUT"/gpu*.log | python3 benchmarks/summary.py ;;
+  *) echo "usage: bash benchmarks/run_gpu.sh tiny|large|peft70b|probe|scale|pair" >&2; exit 2 ;;
 esac

@@ -33,7 +33,8 @@ import jlora
 from jlora import train
 from jlora.models.config import preset
 from jlora import sharding as S
-from jlora.models.llama import Llama, abstract_params, quantized_init, unboxed_init
+from jlora.models.llama import (Llama, abstract_params, head_logits, quantized_init,
+                                unboxed_init)
 from jlora.quant import QArray
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -64,6 +65,13 @@ def main(argv=None):
   ap.add_argument("--mesh", default=None,
                   help="DATA,FSDP,TENSOR: a jlora.sharding step over that device mesh "
                        "(the batch is the global batch)")
+  ap.add_argument("--loss", default="full", choices=["full", "chunked"],
+                  help="full: logits then lm_loss; chunked: the head and cross-entropy chunk "
+                       "by chunk (jlora.train.chunked_lm_loss), never the full f32 logits")
+  ap.add_argument("--frozen", action="store_true",
+                  help="the frozen-base step: one rank-1 adapter on layer 0's q_proj only")
+  ap.add_argument("--fuse", type=int, default=1,
+                  help="1: LoRA matmuls sharing an input compute x·[a1|a2|...] once")
   ap.add_argument("--profile", default=None,
                   help="write a jax.profiler trace (perfetto json) of 3 more steps to this folder")
   args = ap.parse_args(argv)
@@ -93,10 +101,20 @@ def main(argv=None):
   q_bytes_per_param = (sum(jlora.nbytes(q) for q in quantized)
                        / sum(math.prod(q.shape) for q in quantized)) if quantized else None
 
-  lcfg = jlora.LoraConfig(rank=16, alpha=32, targets=TARGETS)
+  from jlora.transform import interpret
+  interpret.FUSE_SIBLINGS = bool(args.fuse)
+  if args.frozen:
+    first = r"layers/self_attn/q_proj" if cfg.scan_layers else r"layers_0/self_attn/q_proj"
+    lcfg = jlora.LoraConfig(rank=1, alpha=2, targets=first)
+  else:
+    lcfg = jlora.LoraConfig(rank=16, alpha=32, targets=TARGETS)
   adapter = jlora.init_adapter(jax.random.key(2), params, lcfg, model=model, args=(ids[:1, :8],))
 
   def loss_fn(ad, base, batch, rng):
+    if args.loss == "chunked":
+      hidden = jlora.apply(model, {"params": base}, ad, batch, return_hidden=True)
+      head = lambda h: head_logits(cfg, base, h)
+      return train.chunked_lm_loss(head, hidden[:, :-1], batch[:, 1:], chunk=256)
     logits = jlora.apply(model, {"params": base}, ad, batch)
     return train.lm_loss(logits[:, :-1], batch[:, 1:])
 
@@ -144,7 +162,9 @@ def main(argv=None):
   tokens = args.batch * args.seq
   fpt = flops_per_token(cfg, args.seq)
   result = dict(
-      variant=f"jlora_{args.variant}", device=dev.device_kind, step_s=round(dt, 4),
+      variant=f"jlora_{args.variant}" + ("_frozen" if args.frozen else "")
+      + ("_scan" if args.scan else "") + ("_chunked" if args.loss == "chunked" else "")
+      + ("" if args.fuse else "_nofuse"), device=dev.device_kind, step_s=round(dt, 4),
       tokens_per_s=round(tokens / dt), pipelined_step_s=round(dt_pipe, 4),
       pipelined_tokens_per_s=round(tokens / dt_pipe), peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
       weight_gib=round(weight_bytes / 2**30, 3),

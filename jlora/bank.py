@@ -17,9 +17,10 @@ transformation applies like any other (``jlora.apply(..., bank, x,
 adapter_ids=ids)`` does it for you). At a matmul each row gets its own
 slot's low-rank term, computed one of two ways:
 
-  gather    each row's ``a`` and ``b`` gathered (decode: few rows per id)
+  gather    each id's ``a`` and ``b`` gathered, a matmul batched over the ids
+            (one id per example: decoding, prefill, training)
   grouped   rows sorted by slot, ``jax.lax.ragged_dot`` over the slots
-            (prefill and training: many rows per id)
+            (one id per token: packed sequences)
 
 Id ``-1`` (:data:`BASE`) means "the base alone".
 """
@@ -42,8 +43,9 @@ BASE = -1
 
 NAME_BYTES = 64
 METHODS = ("auto", "gather", "grouped")
-GATHER_ROWS = 16
-"""``method="auto"``: rows per id up to this use ``gather``, more use ``grouped``."""
+GATHER_IDS = 256
+"""``method="auto"``: up to this many ids (one per example, say) use ``gather`` (a
+batched matmul over the ids); more (one per token of packed sequences) ``grouped``."""
 
 
 @jax.tree_util.register_dataclass
@@ -139,7 +141,7 @@ class BankLoRA:
     b = self.b.astype(dt).reshape(n_slots, r, -1)
     method = self.method
     if method == "auto":
-      method = "gather" if math.prod(f_shape) <= GATHER_ROWS else "grouped"
+      method = "gather" if ids.size <= GATHER_IDS else "grouped"
     u = (_gathered if method == "gather" else _grouped)(xt.astype(dt), a, b, ids)
     u = u * _slot_scale(self.scale, ids, u.ndim).astype(u.dtype)      # [*ids, F, ∏O]
     o_free = [d for d in range(w.ndim) if w.roles[d][0] == "o"]        # in view order

@@ -381,3 +381,59 @@ def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None
                      f"{list(lead)} (logits are {list(logits.shape)})")
   w = mask.astype(jnp.float32)
   return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def chunked_lm_loss(head: Callable[[jax.Array], jax.Array], hidden: jax.Array,
+                    targets: jax.Array, mask: jax.Array | None = None, *,
+                    chunk: int = 512) -> jax.Array:
+  """:func:`lm_loss` of ``head(hidden)`` without ever holding the full logits.
+
+  The sequence is cut into chunks of ``chunk`` positions; each chunk's logits
+  are made by ``head``, turned into its cross-entropy (in float32) and
+  dropped, inside ``jax.checkpoint``, so the backward pass makes them again
+  instead of keeping ``[batch, seq, vocab]`` float32 logits and their
+  gradient (at a 128k vocabulary that is most of a step's memory).
+
+  Args:
+    head: ``[batch, c, hidden] -> [batch, c, vocab]``, e.g.
+      ``lambda h: jlora.models.head_logits(config, params, h)``.
+    hidden: ``[batch, seq, hidden]``, aligned with ``targets`` (shift first).
+    targets: ``[batch, seq]`` integer ids.
+    mask: optional ``[batch, seq]`` weights (bool or 0/1).
+    chunk: positions per chunk (the last chunk is padded and masked).
+
+  Returns:
+    The mean cross-entropy over the masked-in tokens (float32).
+
+  Example:
+    >>> w = jax.random.normal(jax.random.key(0), (8, 50))
+    >>> h = jax.random.normal(jax.random.key(1), (2, 7, 8))
+    >>> t = jnp.arange(14).reshape(2, 7) % 50
+    >>> a = chunked_lm_loss(lambda x: x @ w, h, t, chunk=3)
+    >>> bool(jnp.allclose(a, lm_loss(h @ w, t), rtol=1e-5))
+    True
+  """
+  b, t = targets.shape
+  if tuple(hidden.shape[:2]) != (b, t):
+    raise ValueError(f"chunked_lm_loss: hidden {list(hidden.shape)} must lead with targets' "
+                     f"shape {[b, t]}")
+  w = jnp.ones((b, t), jnp.float32) if mask is None else mask.astype(jnp.float32)
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    w = jnp.pad(w, ((0, 0), (0, pad)))
+  split = lambda x: jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def one(h, tg, wt):
+    logits = head(h).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tg)
+    return jnp.sum(ce * wt)
+
+  def body(total, xs):
+    return total + one(*xs), None
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(hidden), split(targets),
+                                                             split(w)))
+  return total / jnp.maximum(jnp.sum(w), 1.0)

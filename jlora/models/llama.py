@@ -220,6 +220,35 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
   return cap * jnp.tanh(x / cap)
 
 
+def head_logits(config: LlamaConfig, params: dict, hidden: jax.Array) -> jax.Array:
+  """The model's output head on ``hidden: [..., hidden_size]`` (what
+  ``Llama(..., return_hidden=True)`` returns): ``[..., vocab]`` logits, exactly as
+  the model computes them (tied embedding or ``lm_head``, then soft-capping).
+
+  A plain function of the params tree, so a chunked loss can call it chunk by
+  chunk (``jlora.train.chunked_lm_loss``), and ``jlora.adapt`` can adapt it.
+
+  Example:
+    >>> from jlora.models.config import preset
+    >>> model = Llama(preset("tiny"))
+    >>> ids = jnp.ones((1, 4), jnp.int32)
+    >>> p = unboxed_init(model, jax.random.key(0), ids)
+    >>> h = model.apply({"params": p}, ids, return_hidden=True)
+    >>> bool(jnp.allclose(head_logits(model.config, p, h), model.apply({"params": p}, ids)))
+    True
+  """
+  c = config
+  if c.tie_word_embeddings:
+    w = params["embed_tokens"]["embedding"]                  # [vocab, hidden]
+    dims = (((hidden.ndim - 1,), (1,)), ((), ()))
+  else:
+    w = params["lm_head"]["kernel"]                         # [hidden, vocab]
+    dims = (((hidden.ndim - 1,), (0,)), ((), ()))
+  dtype = c.dtype or jnp.result_type(hidden, w)
+  logits = lax.dot_general(hidden.astype(dtype), w.astype(dtype), dims)
+  return softcap(logits, c.final_logit_softcapping)
+
+
 def attention(q, k, v, mask, scale, implementation=None, logit_cap=None):
   """``jax.nn.dot_product_attention``, causal when ``mask`` is None.
 
@@ -350,7 +379,8 @@ class Llama(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+  def __call__(self, input_ids, attention_mask=None, positions=None, cache=None,
+               return_hidden=False):
     c = self.config
     _check_inputs(input_ids, attention_mask, positions)
     b, t = input_ids.shape
@@ -381,6 +411,10 @@ class Llama(nn.Module):
     kv = None if cache is None else (cache.k, cache.v)
     x, kv = self._layers(x, positions, masks, kv, index)
     x = _norm(c, "norm")(x)
+    if return_hidden:      # the head's input, for a loss that makes logits chunk by chunk
+      x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+      return x if cache is None else (x, KVCache(k=kv[0], v=kv[1], mask=key_valid,
+                                                  index=cache.index + t))
     if c.tie_word_embeddings:
       logits = embed.attend(x)
     else:

@@ -25,6 +25,7 @@ weight alone: its dequantized value).
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Any, Sequence
 
 import jax
@@ -46,10 +47,17 @@ def run(jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
 
   for v, x in itertools.chain(zip(jaxpr.constvars, consts), zip(jaxpr.invars, args)):
     env[v] = x
-  for eqn in jaxpr.eqns:
+  pre: dict[int, Any] = {}            # x·a computed already for a later matmul (siblings)
+  for i, eqn in enumerate(jaxpr.eqns):
     invals = [read(v) for v in eqn.invars]
     with _context(eqn):
-      if any(isinstance(x, Weight) for x in invals):
+      if eqn.primitive.name == "dot_general" and any(isinstance(x, Weight) for x in invals):
+        if i not in pre and FUSE_SIBLINGS:
+          pre.update(_siblings(jaxpr.eqns, i, invals, env))
+        outs = rules.dot_general(eqn.params, *invals, _next_use(), t_pre=pre.pop(i, None))
+        if outs is None:
+          outs = _bind(eqn, _materialized(invals))
+      elif any(isinstance(x, Weight) for x in invals):
         outs = _apply(eqn, invals)
       else:
         outs = _bind(eqn, invals)
@@ -59,6 +67,42 @@ def run(jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
       if not isinstance(v, jcore.DropVar):
         env[v] = x
   return [read(v) for v in jaxpr.outvars]
+
+
+FUSE_SIBLINGS = os.environ.get("JLORA_FUSE_SIBLINGS", "1") != "0"
+"""LoRA matmuls that share their input (q/k/v, gate/up) compute ``x·[a_1|a_2|...]`` once."""
+LOOKAHEAD = 64
+
+
+def _siblings(eqns, i, invals, env) -> dict[int, Any]:
+  """``{eqn index: x·a}`` for the LoRA matmul ``eqns[i]`` and the later ones (within
+  :data:`LOOKAHEAD` equations) that multiply the same input by another adapted
+  weight, computed as one product (:func:`rules.lora_inputs`)."""
+  eqn = eqns[i]
+  lhs, rhs = invals
+  if rules.fusable(eqn.params, rhs, lhs):
+    side, w_lhs = 0, False
+  elif rules.fusable(eqn.params, lhs, rhs):
+    side, w_lhs = 1, True
+  else:
+    return {}
+  xvar = eqn.invars[side]
+  if isinstance(xvar, jcore.Literal):
+    return {}
+  group = [(i, eqn.params, invals[1 - side])]
+  for j in range(i + 1, min(len(eqns), i + 1 + LOOKAHEAD)):
+    e = eqns[j]
+    if e.primitive.name != "dot_general" or e.invars[side] is not xvar:
+      continue
+    wv = e.invars[1 - side]
+    w = None if isinstance(wv, jcore.Literal) else env.get(wv)
+    if rules.fusable(e.params, w, env[xvar]) and e.params == eqn.params:
+      group.append((j, e.params, w))
+  if len(group) < 2:
+    return {}
+  ts = rules.lora_inputs([g[1] for g in group], [g[2] for g in group], env[xvar],
+                         [w_lhs] * len(group))
+  return {} if ts is None else {g[0]: t for g, t in zip(group, ts)}
 
 
 def _context(eqn):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jlora import lora as L
@@ -73,8 +74,12 @@ def _compute_dtype(x, y):
 
 # ----------------------------------------------------------------------------- dot_general
 
-def dot_general(params, lhs, rhs, use: int):
-  """``lax.dot_general(lhs, rhs, **params)`` where one operand is a Weight."""
+def dot_general(params, lhs, rhs, use: int, t_pre=None):
+  """``lax.dot_general(lhs, rhs, **params)`` where one operand is a Weight.
+
+  ``t_pre`` is ``x·a`` computed already (with sibling matmuls' ``a`` in one
+  product, see :func:`lora_inputs`).
+  """
   if isinstance(lhs, Weight) and isinstance(rhs, Weight):
     if rhs.lora is None:
       rhs = W.materialize(rhs)
@@ -122,10 +127,11 @@ def dot_general(params, lhs, rhs, use: int):
   x_d = _dropout_input(x, w, use, xb, f_b)
   opts = dict(precision=params.get("precision"),
               preferred_element_type=params.get("preferred_element_type"))
-  t = lax.dot_general(x_d, first, ((tuple(xc), f_c), (tuple(xb), f_b)), **opts)
-  # t: [*batch, *x_free, r]
+  if t_pre is None:
+    t_pre = lax.dot_general(x_d, first, ((tuple(xc), f_c), (tuple(xb), f_b)), **opts)
+  # t: [*batch, *x_free, r], scaled here (a small array) rather than the output
   r_second = second.ndim - 1 if transposed else ns
-  t = t.astype(dt)
+  t = (t_pre * jnp.asarray(lo.scale, t_pre.dtype)).astype(dt)
   u = lax.dot_general(t, second, (((t.ndim - 1,), (r_second,)),
                                   (tuple(range(len(xb))), f_b)), **opts)
   # u: [*batch, *x_free, *F] with F the free roles in factor order
@@ -136,13 +142,48 @@ def dot_general(params, lhs, rhs, use: int):
   perm_f = [nb + nxf + f_numbers[k] for k in order]
   x_free = list(range(nb, nb + nxf))
   perm = list(range(nb)) + (perm_f + x_free if w_lhs else x_free + perm_f)
-  u = jnp.transpose(u, perm) * jnp.asarray(lo.scale, u.dtype)
+  u = jnp.transpose(u, perm)
   g = _gain(w)
   gain_out = None if g is None else _gain_on_output(w, g, wb, free, nb, nxf, w_lhs)
   base_dropped = None
   if g is not None and x_d is not x:
     base_dropped = base_call(w, run, x_d)
   return _combine(w, y, u, gain_out, base_dropped)
+
+
+def fusable(params, w, x) -> bool:
+  """A plain LoRA matmul ``x·W`` (one contracted input axis, nothing batched, no
+  dropout key) whose ``x·a`` can share one product with its siblings'."""
+  if not isinstance(w, Weight) or not isinstance(w.lora, L.LoRA) or w.recording or \
+      w.key is not None or w.count("s") or w.count("i") != 1 or isinstance(x, Weight):
+    return False
+  (lc, rc), (lb, rb) = params["dimension_numbers"]
+  return not lb and len(lc) == 1
+
+
+def lora_inputs(params_list, ws, x, w_lhs_list):
+  """``[x·a_k]`` for several LoRA matmuls of the same input ``x``, as ONE product
+  ``x·[a_1 | a_2 | ...]`` (q/k/v and gate/up share their input: the activation
+  is read once, forward and backward, instead of once per projection)."""
+  cols, sizes = [], []
+  for params, w, w_lhs in zip(params_list, ws, w_lhs_list):
+    (lc, rc), _ = params["dimension_numbers"]
+    wc = lc if w_lhs else rc
+    if w.roles[wc[0]][0] != "i":
+      return None
+    cols.append(w.lora.a)
+    sizes.append(w.lora.a.shape[-1])
+  params = params_list[0]
+  (lc, rc), _ = params["dimension_numbers"]
+  xc = rc if w_lhs_list[0] else lc
+  if any(p["dimension_numbers"] != params["dimension_numbers"] for p in params_list[1:]):
+    return None
+  dt = x.dtype if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.float32
+  a_all = jnp.concatenate([a.astype(dt) for a in cols], axis=-1)          # [K, Σr]
+  t_all = lax.dot_general(x, a_all, ((tuple(xc), (0,)), ((), ())),
+                          precision=params.get("precision"),
+                          preferred_element_type=params.get("preferred_element_type"))
+  return jnp.split(t_all, list(np.cumsum(sizes)[:-1]), axis=-1)
 
 
 def _gain_on_output(w: Weight, g, wb, free, nb, nxf, w_lhs):
