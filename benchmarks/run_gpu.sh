@@ -49,8 +49,10 @@ case "$1" in
   pair)
     T="python3 benchmarks/train_step.py"
     # a quick smoke run first: stop here (not minutes later) if this image breaks something
+    set -o pipefail
     $T lora --preset tiny --batch 2 --seq 64 --steps 2 2>&1 | grep RESULT | cut -c1-120 || exit 1
     python3 benchmarks/bank.py --preset tiny --rows 8 --new 4 --seq 32 2>&1 | tail -3 || exit 1
+    set +o pipefail
     ( export CUDA_VISIBLE_DEVICES=0
       for v in "lora --scan 0" "qlora --scan 0" "lora --scan 1" "qlora --scan 1"; do
         full $T $v
