@@ -61,7 +61,7 @@ def main(argv=None):
   make = jax.jit(lambda k: jax.tree.map(
       lambda v: 0.01 * jax.random.normal(jax.random.fold_in(k, v.size), v.shape, v.dtype), fresh))
   adapters = {f"ad{i}": make(jax.random.key(100 + i)) for i in range(args.rows)}
-  bank = jlora.AdapterBank.stack(adapters, capacity=args.rows)
+  bank = jlora.AdapterBank.stack(adapters, capacity=args.rows, dtype=jnp.bfloat16)  # serving
   results = []
 
   def report(**r):
@@ -85,7 +85,7 @@ def main(argv=None):
   # training: a mixed batch of 8 adapters (grouped) vs one adapter on the same batch
   tb = jax.random.randint(jax.random.key(3), (args.train_batch, args.seq), 0, cfg.vocab_size)
   tx = optax.adamw(1e-4)
-  small = jlora.AdapterBank.stack({k: adapters[k] for k in list(adapters)[:8]})
+  small = jlora.AdapterBank.stack({k: adapters[k] for k in list(adapters)[:8]})   # f32: trained
   aid8 = jnp.arange(args.train_batch, dtype=jnp.int32) % 8
 
   def bank_loss(f, base, batch, rng):

@@ -17,16 +17,23 @@ transformation applies like any other (``jlora.apply(..., bank, x,
 adapter_ids=ids)`` does it for you). At a matmul each row gets its own
 slot's low-rank term, computed one of two ways:
 
+  slots     ``x·[a_1 | ... | a_N]`` for every slot, each row's own block kept
+            (a one-hot mask), then one matmul with ``[b_1; ...; b_N]``: each
+            factor read once, nothing per row (decoding: one row per id)
   gather    each id's ``a`` and ``b`` gathered, a matmul batched over the ids
-            (one id per example: decoding, prefill, training)
+            (one id per example and many rows each: prefill, training)
   grouped   rows sorted by slot, ``jax.lax.ragged_dot`` over the slots
             (one id per token: packed sequences)
+
+q/k/v (and gate/up), which share their input, compute the ``slots`` product
+for all three at once.
 
 Id ``-1`` (:data:`BASE`) means "the base alone".
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -42,10 +49,12 @@ BASE = -1
 """The id of "no adapter" in a mixed batch."""
 
 NAME_BYTES = 64
-METHODS = ("auto", "gather", "grouped")
+METHODS = ("auto", "slots", "gather", "grouped")
 GATHER_IDS = 256
-"""``method="auto"``: up to this many ids (one per example, say) use ``gather`` (a
-batched matmul over the ids); more (one per token of packed sequences) ``grouped``."""
+SLOT_ROWS = 16
+"""``method="auto"``: with few rows per id (decoding) and a bank not much larger
+than the batch, ``slots``; else up to :data:`GATHER_IDS` ids (one per example)
+``gather``; more (one per token of packed sequences) ``grouped``."""
 
 
 @jax.tree_util.register_dataclass
@@ -104,6 +113,27 @@ class BankLoRA:
     raise AdapterError(f"{path!r}: merge one slot of a bank (bank.adapter(name)), not the bank")
 
   # ------------------------------------------------------------------ the uses
+  def _method(self, ids, rows_per_id) -> str:
+    if self.method != "auto":
+      return self.method
+    if rows_per_id <= SLOT_ROWS and self.a.shape[0] <= 2 * max(ids.size, 1):
+      return "slots"
+    return "gather" if ids.size <= GATHER_IDS else "grouped"
+
+  def fused_input(self, x_shape=None):
+    """``[K, N·R]``: every slot's ``a`` side by side (the ``slots`` method's input
+    factor, shared with sibling matmuls), or None where the input ``x_shape``
+    (``[*ids, ..., K]``) takes another method."""
+    if self.ids is None or self.stack:
+      return None
+    n, r = self.a.shape[0], self.a.shape[-1]
+    k = math.prod(self.a.shape[1:-1])
+    if x_shape is not None:
+      rows = math.prod(x_shape) // max(k, 1) // max(self.ids.size, 1)
+      if self._method(self.ids, rows) != "slots":
+        return None
+    return jnp.moveaxis(self.a.reshape(n, -1, r), 0, 1).reshape(-1, n * r)
+
   def _ids(self, w):
     if self.ids is None:
       raise AdapterError(f"{w.path!r}: a bank needs the slot of each example: "
@@ -137,13 +167,20 @@ class BankLoRA:
     xt = xt.reshape(ids.shape + (math.prod(f_shape), n_c))
     dt = x.dtype if jnp.issubdtype(x.dtype, jnp.inexact) else site.y.dtype
     n_slots, r = self.a.shape[0], self.a.shape[-1]
-    a = self.a.astype(dt).reshape(n_slots, n_c, r)
     b = self.b.astype(dt).reshape(n_slots, r, -1)
-    method = self.method
-    if method == "auto":
-      method = "gather" if ids.size <= GATHER_IDS else "grouped"
-    u = (_gathered if method == "gather" else _grouped)(xt.astype(dt), a, b, ids)
-    u = u * _slot_scale(self.scale, ids, u.ndim).astype(u.dtype)      # [*ids, F, ∏O]
+    method = self._method(ids, math.prod(f_shape))
+    if method == "slots":
+      t = site.t_pre
+      if t is None:
+        t = jnp.einsum("...fc,cn->...fn", xt.astype(dt),
+                       self.fused_input().astype(dt))                  # [*ids, F, N·R]
+      else:   # made with the siblings' (x's axes as the matmul keeps them): reorder
+        t = t.reshape(ids.shape + (math.prod(f_shape), n_slots * r))
+      u = _slot_rows(t.astype(dt), b, ids, self.scale)
+    else:
+      a = self.a.astype(dt).reshape(n_slots, n_c, r)
+      u = (_gathered if method == "gather" else _grouped)(xt.astype(dt), a, b, ids)
+      u = u * _slot_scale(self.scale, ids, u.ndim).astype(u.dtype)    # [*ids, F, ∏O]
     o_free = [d for d in range(w.ndim) if w.roles[d][0] == "o"]        # in view order
     o_dims = [w.shape[d] for d in sorted(o_free, key=lambda d: w.roles[d][1])]
     u = u.reshape(ids.shape + tuple(f_shape) + tuple(o_dims))
@@ -212,6 +249,17 @@ def _slot_scale(scale, ids, ndim):
   """Each row's scale (0 for :data:`BASE`), shaped to broadcast on ``ndim`` axes."""
   s = jnp.where(ids >= 0, scale[jnp.maximum(ids, 0)], 0.0)
   return s.reshape(ids.shape + (1,) * (ndim - ids.ndim))
+
+
+def _slot_rows(t_all, b, ids, scale):
+  """``[*ids, F, N·R]`` (x times every slot's a) → ``[*ids, F, O]``: each row keeps its
+  own slot's R columns (scaled; none for :data:`BASE`), then one matmul with all b."""
+  n, r = b.shape[0], b.shape[1]
+  keep = (ids[..., None] == jnp.arange(n).reshape((1,) * ids.ndim + (n,))).astype(t_all.dtype)
+  keep = keep * jnp.where(ids >= 0, scale[jnp.maximum(ids, 0)], 0.0)[..., None].astype(
+      t_all.dtype)
+  mask = jnp.repeat(keep, r, axis=-1)[..., None, :]                             # [*ids, 1, N·R]
+  return jnp.einsum("...fn,no->...fo", t_all * mask, b.reshape(n * r, -1))
 
 
 def _gathered(xt, a, b, ids):
@@ -336,10 +384,11 @@ class AdapterBank:
   # ------------------------------------------------------------------ building
   @classmethod
   def stack(cls, adapters, *, capacity: int | None = None, rank: int | None = None,
-            names: Sequence[str] | None = None) -> "AdapterBank":
+            names: Sequence[str] | None = None, dtype=None) -> "AdapterBank":
     """A bank of ``adapters`` (a dict name → adapter, or a list named by ``names``
-    or "0", "1", ...), with room for ``capacity`` (default: as many) and ranks
-    padded to ``rank`` (default: the largest)."""
+    or "0", "1", ...), with room for ``capacity`` (default: as many), ranks
+    padded to ``rank`` (default: the largest) and factors in ``dtype`` (default:
+    the adapters'; ``jnp.bfloat16`` halves what serving reads)."""
     if not isinstance(adapters, Mapping):
       adapters = list(adapters)
       names = list(names) if names is not None else [str(i) for i in range(len(adapters))]
@@ -363,7 +412,7 @@ class AdapterBank:
         if shapes.setdefault(p, (meta, n))[0][:4] != meta[:4]:
           raise AdapterError(f"AdapterBank.stack: adapters {shapes[p][1]!r} and {n!r} adapt "
                              f"{p!r} differently ({shapes[p][0][:4]} vs {meta[:4]})")
-    nodes = {p: _empty_node(next(f[p] for f in flats.values() if p in f), capacity, rank)
+    nodes = {p: _empty_node(next(f[p] for f in flats.values() if p in f), capacity, rank, dtype)
              for p in shapes}
     bank = cls(nodes=nodes, names=jnp.zeros((capacity, NAME_BYTES), jnp.uint8), rank=rank)
     for n, ad in adapters.items():
@@ -392,39 +441,38 @@ class AdapterBank:
   def remove(self, name: str) -> "AdapterBank":
     """A new bank with slot ``name`` emptied (zeros; its id then adds nothing)."""
     k = self.slot(name)
-    nodes = {p: n.replace(a=n.a.at[k].set(0), b=n.b.at[k].set(0), scale=n.scale.at[k].set(0),
-                          ranks=n.ranks.at[k].set(0)) for p, n in self.nodes.items()}
+    nodes = _write_slot(self.nodes, jnp.int32(k), {}, {}, {p: jnp.float32(0) for p in self.nodes},
+                        {p: jnp.int32(0) for p in self.nodes}, self.rank)
     return dataclasses.replace(self, nodes=nodes, names=self.names.at[k].set(0))
 
   def _write(self, k: int, name: str, adapter: Any) -> "AdapterBank":
     flat = _flat(adapter, name)
     grown = dict(self.nodes)
     for p in sorted(set(flat) - set(self.nodes)):     # a weight no slot adapted yet: zeros
-      grown[p] = _empty_node(flat[p], self.capacity, self.rank)
+      some = next(iter(self.nodes.values()), None)
+      grown[p] = _empty_node(flat[p], self.capacity, self.rank,
+                             None if some is None else some.a.dtype)
     self = dataclasses.replace(self, nodes=grown)
-    nodes = {}
+    rows = {}
     for p, node in self.nodes.items():
       lo = flat.get(p)
       if lo is None:
-        a, b, s, r = jnp.zeros(node.a.shape[1:], node.a.dtype), jnp.zeros(node.b.shape[1:],
-                                                                             node.b.dtype), 0.0, 0
-      else:
-        if lo.kernel_shape != node.kernel_shape or (lo.in_axes, lo.out_axes) != (
-            node.in_axes, node.out_axes):
-          raise AdapterError(f"adapter {name!r} at {p!r}: a kernel of {list(lo.kernel_shape)} "
-                             f"grouped {lo.in_axes}/{lo.out_axes}, the bank's is "
-                             f"{list(node.kernel_shape)} {node.in_axes}/{node.out_axes}")
-        r = lo.a.shape[-1]
-        if r > self.rank:
-          raise AdapterError(f"adapter {name!r} at {p!r} has rank {r} > the bank's {self.rank}")
-        pad = self.rank - r
-        a = jnp.pad(lo.a, [(0, 0)] * (lo.a.ndim - 1) + [(0, pad)]).astype(node.a.dtype)
-        widths = [(0, 0)] * lo.b.ndim
-        widths[lo.stack] = (0, pad)
-        b = jnp.pad(lo.b, widths).astype(node.b.dtype)
-        s = lo.scale
-      nodes[p] = node.replace(a=node.a.at[k].set(a), b=node.b.at[k].set(b),
-                              scale=node.scale.at[k].set(s), ranks=node.ranks.at[k].set(r))
+        rows[p] = (None, None, 0.0, 0)
+        continue
+      if lo.kernel_shape != node.kernel_shape or (lo.in_axes, lo.out_axes) != (
+          node.in_axes, node.out_axes):
+        raise AdapterError(f"adapter {name!r} at {p!r}: a kernel of {list(lo.kernel_shape)} "
+                           f"grouped {lo.in_axes}/{lo.out_axes}, the bank's is "
+                           f"{list(node.kernel_shape)} {node.in_axes}/{node.out_axes}")
+      r = lo.a.shape[-1]
+      if r > self.rank:
+        raise AdapterError(f"adapter {name!r} at {p!r} has rank {r} > the bank's {self.rank}")
+      rows[p] = (lo.a, lo.b, lo.scale, r)
+    a = {p: v[0] for p, v in rows.items() if v[0] is not None}
+    b = {p: v[1] for p, v in rows.items() if v[1] is not None}
+    scale = {p: jnp.float32(v[2]) for p, v in rows.items()}      # dicts: jit sorts their keys
+    ranks = {p: jnp.int32(v[3]) for p, v in rows.items()}
+    nodes = _write_slot(self.nodes, jnp.int32(k), a, b, scale, ranks, self.rank)
     return dataclasses.replace(self, nodes=nodes, names=self.names.at[k].set(_encode(name)))
 
   # ------------------------------------------------------------------ composition
@@ -451,10 +499,58 @@ class AdapterBank:
     return self.add(new_name, merged)
 
 
-def _empty_node(lo: L.LoRA, capacity: int, rank: int) -> BankLoRA:
+@functools.partial(jax.jit, static_argnames=("pads",))
+def _write_slot_jit(nodes, k, a, b, scale, ranks, pads):
+  out = {}
+  for p, node in nodes.items():
+    if p in a:
+      new_a = jnp.pad(a[p], [(0, 0)] * (a[p].ndim - 1) + [(0, pads[p][0])]).astype(node.a.dtype)
+      new_b = jnp.pad(b[p], pads[p][1]).astype(node.b.dtype)
+    else:
+      new_a, new_b = jnp.zeros(node.a.shape[1:], node.a.dtype), jnp.zeros(node.b.shape[1:],
+                                                                          node.b.dtype)
+    out[p] = node.replace(a=jax.lax.dynamic_update_index_in_dim(node.a, new_a, k, 0),
+                          b=jax.lax.dynamic_update_index_in_dim(node.b, new_b, k, 0),
+                          scale=node.scale.at[k].set(scale[p]),
+                          ranks=node.ranks.at[k].set(ranks[p]))
+  return out
+
+
+def _write_slot(nodes, k, a, b, scale, ranks, rank):
+  """Every weight's slot ``k`` set to the given factors (zero-padded to ``rank``),
+  in one compiled update (compiled once per bank layout and adapter ranks)."""
+  pads = {}
+  for p, node in nodes.items():
+    if p in a:
+      pad = rank - a[p].shape[-1]
+      widths = [(0, 0)] * b[p].ndim
+      widths[node.stack] = (0, pad)
+      pads[p] = (pad, tuple(widths))
+  return _write_slot_jit(nodes, k, a, b, scale, ranks, _Static(pads))
+
+
+class _Static:
+  """A hashable wrapper that makes its value a static argument of a jitted function."""
+
+  def __init__(self, value):
+    self.value = value
+    self._key = repr(sorted(value.items()))
+
+  def __getitem__(self, k):
+    return self.value[k]
+
+  def __hash__(self):
+    return hash(self._key)
+
+  def __eq__(self, other):
+    return isinstance(other, _Static) and other._key == self._key
+
+
+def _empty_node(lo: L.LoRA, capacity: int, rank: int, dtype=None) -> BankLoRA:
   """A weight's bank entry with every slot empty, shaped for ``lo``'s kernel."""
-  return BankLoRA(a=jnp.zeros((capacity,) + lo.stack_dims + lo.in_dims + (rank,), lo.a.dtype),
-                  b=jnp.zeros((capacity,) + lo.stack_dims + (rank,) + lo.out_dims, lo.b.dtype),
+  dtype = lo.a.dtype if dtype is None else dtype
+  return BankLoRA(a=jnp.zeros((capacity,) + lo.stack_dims + lo.in_dims + (rank,), dtype),
+                  b=jnp.zeros((capacity,) + lo.stack_dims + (rank,) + lo.out_dims, dtype),
                   scale=jnp.zeros((capacity,), jnp.float32),
                   ranks=jnp.zeros((capacity,), jnp.int32), in_axes=lo.in_axes,
                   out_axes=lo.out_axes, kind=lo.kind)

@@ -64,7 +64,7 @@ def test_stack_add_replace_remove_and_names(llama):
     full.add("d", ads["a"])
 
 
-@pytest.mark.parametrize("method", ["gather", "grouped"])
+@pytest.mark.parametrize("method", ["slots", "gather", "grouped"])
 def test_every_row_equals_its_adapter_alone(llama, method):
   model, params, ids, ads = llama
   bank = jlora.AdapterBank.stack(ads, capacity=4)

@@ -232,9 +232,32 @@ def _inline(key):
   return rule
 
 
+def _scan_counts(eqn) -> tuple[int, int]:
+  """``(num_consts, num_carry)`` of a scan equation (read from the avals where a
+  JAX version names its parameters otherwise)."""
+  p = eqn.params
+  if "num_consts" in p and "num_carry" in p:
+    return p["num_consts"], p["num_carry"]
+  body = p["jaxpr"].jaxpr
+  length = p["length"]
+  stacked = lambda outer, inner: tuple(outer.aval.shape) == (length,) + tuple(inner.aval.shape)
+  n_ys = 0
+  for o, i in zip(reversed(eqn.outvars), reversed(body.outvars)):
+    if not stacked(o, i):
+      break
+    n_ys += 1
+  nk = p.get("num_carry", len(body.outvars) - n_ys)
+  n_xs = 0
+  for o, i in zip(reversed(eqn.invars), reversed(body.invars)):
+    if not stacked(o, i):
+      break
+    n_xs += 1
+  return p.get("num_consts", len(body.invars) - nk - n_xs), nk
+
+
 def _scan(eqn, invals):
   p = eqn.params
-  nc, nk = p["num_consts"], p["num_carry"]
+  nc, nk = _scan_counts(eqn)
   consts, init, xs = invals[:nc], _materialized(invals[nc:nc + nk]), invals[nc + nk:]
   closed = p["jaxpr"]
   sliced, rebuild = [], []
@@ -254,8 +277,8 @@ def _scan(eqn, invals):
     outs = _plain_outputs(run(closed.jaxpr, closed.consts, [*consts, *carry, *xs_vals]))
     return outs[:nk], outs[nk:]
 
-  carry, ys = lax.scan(body, list(init), sliced, length=p["length"], reverse=p["reverse"],
-                       unroll=p["unroll"])
+  carry, ys = lax.scan(body, list(init), sliced, length=p["length"], reverse=p.get("reverse", False),
+                       unroll=p.get("unroll", 1))
   return [*carry, *ys]
 
 

@@ -104,7 +104,7 @@ def dot_general(params, lhs, rhs, use: int, t_pre=None):
     return y
   if not isinstance(w.lora, L.LoRA):
     hook = getattr(w.lora, "on_dot", None)
-    return None if hook is None else hook(DotSite(params, w, x, y, w_lhs, run, use))
+    return None if hook is None else hook(DotSite(params, w, x, y, w_lhs, run, use, t_pre))
   kinds_c = {w.roles[d][0] for d in wc}
   if {w.roles[d][0] for d in wb} - {"s"} or w.count("s") != len(wb):
     return None
@@ -154,8 +154,11 @@ def dot_general(params, lhs, rhs, use: int, t_pre=None):
 def fusable(params, w, x) -> bool:
   """A plain LoRA matmul ``x·W`` (one contracted input axis, nothing batched, no
   dropout key) whose ``x·a`` can share one product with its siblings'."""
-  if not isinstance(w, Weight) or not isinstance(w.lora, L.LoRA) or w.recording or \
-      w.key is not None or w.count("s") or w.count("i") != 1 or isinstance(x, Weight):
+  if not isinstance(w, Weight) or w.lora is None or w.recording or w.key is not None or \
+      w.count("s") or w.count("i") != 1 or isinstance(x, Weight):
+    return False
+  if not isinstance(w.lora, L.LoRA) and \
+      getattr(w.lora, "fused_input", lambda shape: None)(tuple(x.shape)) is None:
     return False
   (lc, rc), (lb, rb) = params["dimension_numbers"]
   return not lb and len(lc) == 1
@@ -171,8 +174,9 @@ def lora_inputs(params_list, ws, x, w_lhs_list):
     wc = lc if w_lhs else rc
     if w.roles[wc[0]][0] != "i":
       return None
-    cols.append(w.lora.a)
-    sizes.append(w.lora.a.shape[-1])
+    a = w.lora.a if isinstance(w.lora, L.LoRA) else w.lora.fused_input(tuple(x.shape))
+    cols.append(a)
+    sizes.append(a.shape[-1])
   params = params_list[0]
   (lc, rc), _ = params["dimension_numbers"]
   xc = rc if w_lhs_list[0] else lc
@@ -335,11 +339,13 @@ class DotSite:
     site.features(z)         z (shaped like y) as [..., ∏O] with the output axes last
     site.unfeatures(f)       the inverse of ``features``
     site.base(x2)            the base matmul of another input (x2 shaped like x)
+    site.t_pre               x·(node.fused_input()) made with the siblings', or None
   """
 
-  def __init__(self, params, w: Weight, x, y, w_lhs: bool, run, use: int):
+  def __init__(self, params, w: Weight, x, y, w_lhs: bool, run, use: int, t_pre=None):
     self.params, self.w, self.x, self.y, self.w_lhs, self._run, self.use = (
         params, w, x, y, w_lhs, run, use)
+    self.t_pre = t_pre          # x times the node's fused input factor (siblings), or None
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     self.wc, self.xc, self.wb, self.xb = (lc, rc, lb, rb) if w_lhs else (rc, lc, rb, lb)
     self.free = [d for d in range(w.ndim) if d not in self.wc and d not in self.wb]
