@@ -108,6 +108,8 @@ def main(argv=None):
     report(what="train step", adapters=name, s=round(t, 4),
            tokens_per_s=round(args.train_batch * args.seq / t))
 
+  jax.block_until_ready(bank.replace("ad3", adapters["ad5"]))        # compile the updates once
+  jax.block_until_ready(bank.remove("ad7").add("new", adapters["ad1"]))
   t0 = time.perf_counter()
   swapped = jax.block_until_ready(bank.replace("ad3", adapters["ad5"]))
   t_swap = time.perf_counter() - t0
