@@ -9,8 +9,9 @@ import pytest
 
 import jlora
 from jlora import paths, train
-from jlora.errors import ConfigError
-from jlora.methods import select
+from jlora.errors import AdapterError, ConfigError
+from jlora.methods import bottleneck, ia3, select
+from jlora.models import Llama, preset, unboxed_init
 from conftest import rel_err
 
 
@@ -108,5 +109,112 @@ def test_gradients_reach_exactly_the_selected_leaves(net, sel):
   kernels = {(7, 5), (5, 7), (5, 3), (3, 5)}          # either layout of a kernel's gradient
   grads_formed = _dots_shaped(step, (tree, state, None, x), kernels)
   assert (len(grads_formed) == 2) == (sel == "all") and len(grads_formed) in (0, 2)
+
+
+# ----------------------------------------------------------------------------- IA³
+
+
+def _mlp(rng):
+  """A function with a 2-D and a DenseGeneral-like 3-D weight, non-square, used as matmuls."""
+  p = {"k_proj": {"kernel": rng.normal(size=(6, 2, 5))},        # [in, heads, head] (2 out axes)
+       "down_proj": {"kernel": rng.normal(size=(10, 4))}}
+  p = jax.tree.map(lambda v: jnp.asarray(v * 0.4, jnp.float32), p)
+  def fn(p, x):
+    h = jnp.einsum("bi,ihd->bhd", x, p["k_proj"]["kernel"]).reshape(x.shape[0], 10)
+    return jnp.tanh(h) @ p["down_proj"]["kernel"]
+  return p, fn
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_ia3_equals_float64_reference_and_merges_exactly(rng, jit):
+  p, fn = _mlp(rng)
+  x = jnp.asarray(rng.normal(size=(3, 6)), jnp.float32)
+  ad = ia3.init_ia3(p, feedforward=["down_proj"], model=fn, args=(x,))
+  run = jax.jit(lambda p, ad: jlora.adapt(fn, p, ad)(x)) if jit else (
+      lambda p, ad: jlora.adapt(fn, p, ad)(x))
+  np.testing.assert_array_equal(run(p, ad), fn(p, x))          # ones: no change at all
+  ad = jax.tree.map(lambda v: v + jnp.asarray(rng.normal(size=v.shape), v.dtype), ad)
+  lo = np.asarray(ad["k_proj"]["kernel"].out, np.float64)     # [2, 5]
+  li = np.asarray(ad["down_proj"]["kernel"].inp, np.float64)  # [10]
+  w1 = np.asarray(p["k_proj"]["kernel"], np.float64)
+  w2 = np.asarray(p["down_proj"]["kernel"], np.float64)
+  h = np.einsum("bi,ihd->bhd", np.asarray(x, np.float64), w1) * lo[None]
+  ref = (np.tanh(h.reshape(3, 10)) * li[None]) @ w2
+  assert rel_err(run(p, ad), ref) < 1e-5
+  merged = (jax.jit(jlora.merge) if jit else jlora.merge)(p, ad)
+  assert rel_err(fn(merged, x), ref) < 1e-5
+  back = jlora.unmerge(merged, ad)
+  assert rel_err(back["k_proj"]["kernel"], w1) < 1e-6
+  with pytest.raises(AdapterError, match="'k_proj/kernel' has out: \\[2, 4\\]"):
+    bad = {"k_proj": {"kernel": ad["k_proj"]["kernel"].replace(out=jnp.ones((2, 4)))}}
+    jlora.adapt(fn, p, bad)(x)
+
+
+def test_ia3_through_a_quantized_base(rng):
+  """Through an NF4 base IA³ equals the dequantized base; merge re-quantizes."""
+  p, fn = _mlp(rng)
+  x = jnp.asarray(rng.normal(size=(3, 6)), jnp.float32)
+  ad = ia3.init_ia3(p, model=fn, args=(x,))
+  ad = jax.tree.map(lambda v: v * jnp.asarray(1 + 0.5 * rng.normal(size=v.shape), v.dtype), ad)
+  q = jlora.quantize(p, scheme="nf4", min_size=0)
+  run = jax.jit(lambda p, ad: jlora.adapt(fn, p, ad)(x))
+  assert rel_err(run(q, ad), run(jlora.dequantize(q), ad)) < 1e-5
+  qm = jlora.merge(q, ad)
+  assert isinstance(qm["k_proj"]["kernel"], jlora.QArray)
+  assert rel_err(jlora.dequantize(qm)["k_proj"]["kernel"],
+                 jlora.merge(jlora.dequantize(q), ad)["k_proj"]["kernel"]) < 0.15   # NF4 rounding
+
+
+# ----------------------------------------------------------------------------- bottleneck
+
+
+def test_bottleneck_equals_float64_reference_and_does_not_merge(rng):
+  p, fn = _mlp(rng)
+  x = jnp.asarray(rng.normal(size=(3, 6)), jnp.float32)
+  ad = bottleneck.init_bottleneck(jax.random.key(0), p, width=3, targets=["k_proj"],
+                                  activation="gelu", model=fn, args=(x,))
+  node = ad["k_proj"]["kernel"]
+  assert (node.down.shape, node.up.shape, node.up_bias.shape) == ((2, 5, 3), (3, 2, 5), (2, 5))
+  np.testing.assert_array_equal(jlora.adapt(fn, p, ad)(x), fn(p, x))   # up = 0: no change
+  ad = jax.tree.map(lambda v: v + jnp.asarray(rng.normal(size=v.shape), v.dtype) * 0.5, ad)
+  node = ad["k_proj"]["kernel"]
+  f64 = lambda v: np.asarray(v, np.float64)
+  y = np.einsum("bi,ihd->bhd", f64(x), f64(p["k_proj"]["kernel"])).reshape(3, 10)
+  z = y @ f64(node.down).reshape(10, 3) + f64(node.down_bias)
+  gelu = 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)))
+  y = y + gelu @ f64(node.up).reshape(3, 10) + f64(node.up_bias).reshape(10)
+  ref = np.tanh(y) @ f64(p["down_proj"]["kernel"])
+  for run in (jlora.adapt(fn, p, ad), jax.jit(lambda x: jlora.adapt(fn, p, ad)(x))):
+    assert rel_err(run(x), ref) < 1e-5
+  with pytest.raises(AdapterError, match="'k_proj/kernel' adds a nonlinear function"):
+    jlora.merge(p, ad)
+  elementwise = lambda p, x: jnp.sum(p["k_proj"]["kernel"]) * x
+  with pytest.raises(AdapterError, match="cannot be merged into the weight"):
+    jlora.adapt(elementwise, p, ad)(x)
+
+
+def test_ia3_and_bottleneck_in_a_scanned_llama_equal_unrolled(rng):
+  """One adapter tree with IA³ on k/v/down_proj and Houlsby-style bottlenecks on o_proj:
+  a scanned Llama (stacked nodes sliced by the scan) equals the same layers unrolled."""
+  cfg = preset("tiny")
+  ids = jnp.asarray(rng.integers(0, 128, (2, 5)), jnp.int32)
+  model, scanned = Llama(cfg), Llama(cfg.replace(scan_layers=True))
+  params = unboxed_init(model, jax.random.key(0), ids)
+  ad = ia3.init_ia3(params, model=model, args=(ids,))
+  bn = bottleneck.init_bottleneck(jax.random.key(1), params, width=4, targets=["o_proj"],
+                                  model=model, args=(ids,))
+  flat = {**paths.flatten(ad), **paths.flatten(bn)}
+  assert len(flat) == 8
+  ad = jax.tree.map(lambda v: v + jnp.asarray(rng.normal(size=v.shape), v.dtype) * 0.2,
+                    paths.unflatten(flat))
+  stack = lambda t: {"layers": jax.tree.map(lambda *v: jnp.stack(v), t["layers_0"], t["layers_1"])}
+  sp = {**{k: v for k, v in params.items() if not k.startswith("layers_")}, **stack(params)}
+  sad = stack(ad)
+  node = sad["layers"]["self_attn"]["o_proj"]["kernel"]
+  assert node.stack == 1 and sad["layers"]["mlp"]["down_proj"]["kernel"].stack == 1
+  run = jax.jit(lambda m, p, a: jlora.apply(m, {"params": p}, a, ids), static_argnums=0)
+  want = run(model, params, ad)
+  assert rel_err(run(scanned, sp, sad), want) < 1e-5
+  assert rel_err(want, model.apply({"params": params}, ids)) > 1e-3
 
 

@@ -2,8 +2,15 @@
 
 - :mod:`.select`: a trainable set by path (full fine-tuning, BitFit, LoRA
   plus norm scales): ``split`` a tree into trainable and frozen, ``join`` back.
+- :mod:`.ia3`: IA³, per-feature scales of a layer's outputs or inputs
+  (mergeable), an adapter node applied by ``jlora.apply``.
+- :mod:`.bottleneck`: bottleneck adapters (Houlsby/Pfeiffer) on a layer's
+  output, an adapter node applied by ``jlora.apply`` (not mergeable).
 """
-from jlora.methods import select
+from jlora.methods import bottleneck, ia3, select
+from jlora.methods.bottleneck import Bottleneck, init_bottleneck
+from jlora.methods.ia3 import IA3, init_ia3
 from jlora.methods.select import ALL, BIASES, NORMS, join, split
 
-__all__ = ["select", "split", "join", "ALL", "BIASES", "NORMS"]
+__all__ = ["select", "split", "join", "ALL", "BIASES", "NORMS",
+           "ia3", "IA3", "init_ia3", "bottleneck", "Bottleneck", "init_bottleneck"]
