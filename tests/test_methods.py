@@ -10,8 +10,8 @@ import pytest
 import jlora
 from jlora import paths, train
 from jlora.errors import AdapterError, ConfigError
-from jlora.methods import bottleneck, ia3, select
-from jlora.models import Llama, preset, unboxed_init
+from jlora.methods import bottleneck, ia3, prefix, prompt, select
+from jlora.models import KVCache, Llama, preset, unboxed_init
 from conftest import rel_err
 
 
@@ -216,5 +216,79 @@ def test_ia3_and_bottleneck_in_a_scanned_llama_equal_unrolled(rng):
   want = run(model, params, ad)
   assert rel_err(run(scanned, sp, sad), want) < 1e-5
   assert rel_err(want, model.apply({"params": params}, ids)) > 1e-3
+
+
+# ----------------------------------------------------------------------------- prompt, prefix
+
+
+@pytest.fixture(scope="module")
+def llama():
+  cfg = preset("tiny")
+  model = Llama(cfg)
+  ids = jnp.asarray(np.random.default_rng(1).integers(3, 128, (2, 6)), jnp.int32)
+  return model, unboxed_init(model, jax.random.key(0), ids), ids
+
+
+def test_prompt_of_token_embeddings_equals_those_tokens_prepended(llama):
+  """A prompt made of the embeddings of tokens t equals running on [t; ids] (exact);
+  the attention mask is extended by ones."""
+  model, params, ids = llama
+  toks = jnp.array([7, 9, 11])
+  pr = prompt.Prompt(params["embed_tokens"]["embedding"][toks])
+  full = jnp.concatenate([jnp.broadcast_to(toks, (2, 3)), ids], axis=1)
+  mask = jnp.array([[1] * 6, [0, 0, 1, 1, 1, 1]])
+  run = jax.jit(lambda pr, ids, m: prompt.apply(model, params, pr, ids, attention_mask=m))
+  want = model.apply({"params": params}, full, attention_mask=prompt.extend_mask(pr, mask))
+  np.testing.assert_allclose(run(pr, ids, mask), want, rtol=1e-6, atol=1e-6)
+  e, m = prompt.prepend(pr, jnp.zeros((2, 6, 64)), mask)
+  assert e.shape == (2, 9, 64) and m.tolist()[1] == [1, 1, 1, 0, 0, 1, 1, 1, 1]
+  with pytest.raises(AdapterError, match="no nn.Embed embedded the input ids"):
+    prompt.apply(TableLM(), {"table": jnp.ones((128, 64))}, pr, ids)
+
+
+class TableLM(nn.Module):
+  """Looks its ids up without an nn.Embed (so prompt.apply cannot find the embedding)."""
+  @nn.compact
+  def __call__(self, ids):
+    return self.param("table", nn.initializers.ones, (128, 64))[ids]
+
+
+def test_prefix_of_computed_keys_equals_those_tokens_prepended(llama):
+  """A prefix holding the keys and values the model computes for tokens t equals
+  running on [t; ids] (for the ids' positions), with and without a mask; the MLP
+  reparameterisation equals its float64 NumPy form."""
+  model, params, ids = llama
+  cfg = model.config
+  toks = jnp.broadcast_to(jnp.array([7, 9, 11]), (2, 3))
+  _, filled = model.apply({"params": params}, toks, cache=KVCache.init(cfg, 2, 3))
+  kv = jnp.stack([filled.k[:, 0], filled.v[:, 0]], axis=1)            # [L, 2, n, K, H]
+  flat = jnp.transpose(kv, (2, 0, 1, 3, 4)).reshape(3, -1)            # PEFT's layout
+  px = prefix.Prefix(flat, num_layers=2, num_kv_heads=2, head_size=16)
+  run = jax.jit(lambda px, ids, m: prefix.apply(model, params, px, ids, attention_mask=m))
+  full = jnp.concatenate([toks, ids], axis=1)
+  for mask in (jnp.ones((2, 6), jnp.int32), jnp.array([[1] * 6, [0, 0, 1, 1, 1, 1]])):
+    want = model.apply({"params": params}, full, attention_mask=jnp.concatenate(
+        [jnp.ones((2, 3), jnp.int32), mask], axis=1))[:, 3:]
+    real = np.asarray(mask, bool)
+    assert rel_err(np.asarray(run(px, ids, mask))[real], np.asarray(want)[real]) < 1e-5
+  mlp = prefix.init_prefix(jax.random.key(0), cfg, 3, projection=5)
+  f64 = lambda v: np.asarray(v, np.float64)
+  ref = np.tanh(f64(mlp.embedding) @ f64(mlp.w1) + f64(mlp.b1)) @ f64(mlp.w2) + f64(mlp.b2)
+  assert rel_err(mlp.flat(), ref) < 1e-5 and rel_err(mlp.frozen().embedding, ref) < 1e-5
+  with pytest.raises(AdapterError, match="made for 2 layers .* the model has 3 layers"):
+    prefix.apply(Llama(cfg.replace(num_hidden_layers=3)), params, px, ids)
+
+
+def test_trained_trees_save_and_restore(tmp_path, llama):
+  model, params, ids = llama
+  trees = {"prompt": prompt.init_prompt(jax.random.key(0), 2, params["embed_tokens"]["embedding"]),
+           "prefix": prefix.init_prefix(jax.random.key(1), model.config, 2, projection=4),
+           "ia3": ia3.init_ia3(params), "adapter": bottleneck.init_bottleneck(
+               jax.random.key(2), params, width=2, placement="pfeiffer")}
+  jlora.save(tmp_path / "t", trees)
+  back = jlora.restore(tmp_path / "t")
+  assert jax.tree.structure(back) == jax.tree.structure(trees)
+  for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(trees)):
+    np.testing.assert_array_equal(x, y)
 
 
