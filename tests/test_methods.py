@@ -10,13 +10,12 @@ import pytest
 import jlora
 from jlora import paths, train
 from jlora.errors import AdapterError, ConfigError
-from jlora.methods import bottleneck, ia3, prefix, prompt, select
+from jlora.methods import bottleneck, dpo, ia3, prefix, prompt, select
 from jlora.models import KVCache, Llama, preset, unboxed_init
 from conftest import rel_err
 
 
 # ----------------------------------------------------------------------------- select + train
-
 
 class Net(nn.Module):
   @nn.compact
@@ -113,7 +112,6 @@ def test_gradients_reach_exactly_the_selected_leaves(net, sel):
 
 # ----------------------------------------------------------------------------- IA³
 
-
 def _mlp(rng):
   """A function with a 2-D and a DenseGeneral-like 3-D weight, non-square, used as matmuls."""
   p = {"k_proj": {"kernel": rng.normal(size=(6, 2, 5))},        # [in, heads, head] (2 out axes)
@@ -167,7 +165,6 @@ def test_ia3_through_a_quantized_base(rng):
 
 # ----------------------------------------------------------------------------- bottleneck
 
-
 def test_bottleneck_equals_float64_reference_and_does_not_merge(rng):
   p, fn = _mlp(rng)
   x = jnp.asarray(rng.normal(size=(3, 6)), jnp.float32)
@@ -219,7 +216,6 @@ def test_ia3_and_bottleneck_in_a_scanned_llama_equal_unrolled(rng):
 
 
 # ----------------------------------------------------------------------------- prompt, prefix
-
 
 @pytest.fixture(scope="module")
 def llama():
@@ -292,3 +288,59 @@ def test_trained_trees_save_and_restore(tmp_path, llama):
     np.testing.assert_array_equal(x, y)
 
 
+# ----------------------------------------------------------------------------- DPO
+
+def test_dpo_and_ipo_losses_equal_float64_formulas(rng):
+  pc, pr, rc, rr = (rng.normal(size=5) * 3 for _ in range(4))
+  z = (pc - pr) - (rc - rr)
+  logsig = lambda v: -np.logaddexp(0, -v)
+  for kind, eps, want in [("sigmoid", 0.0, -logsig(0.3 * z)),
+                          ("sigmoid", 0.2, -0.8 * logsig(0.3 * z) - 0.2 * logsig(-0.3 * z)),
+                          ("ipo", 0.0, (z - 1 / 0.6) ** 2)]:
+    loss, m = dpo.dpo_loss(*(jnp.asarray(v, jnp.float32) for v in (pc, pr, rc, rr)), beta=0.3,
+                           kind=kind, label_smoothing=eps)
+    assert abs(float(loss) - want.mean()) < 1e-5 * max(1, abs(want.mean()))
+    margin = 0.3 * ((pc - rc) - (pr - rr))
+    assert abs(float(m["reward_margin"]) - margin.mean()) < 1e-5
+    assert float(m["accuracy"]) == pytest.approx(np.mean(margin > 0))
+  logits = jnp.asarray(rng.normal(size=(2, 4, 6)), jnp.float32)
+  ids, mask = jnp.array([[1, 2, 3, 4], [5, 0, 1, 2]]), jnp.array([[0, 0, 1, 1], [0, 1, 1, 1]])
+  lp = np.asarray(logits, np.float64)
+  lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+  ref = [sum(lp[b, t - 1, int(ids[b, t])] for t in range(1, 4) if mask[b, t]) for b in (0, 1)]
+  assert rel_err(dpo.sequence_logps(logits, ids, mask), ref) < 1e-6
+  with pytest.raises(ConfigError, match="kind must be one of"):
+    dpo.dpo_loss(*(jnp.zeros(1),) * 4, kind="kto")
+
+
+class TinyLM(nn.Module):
+  @nn.compact
+  def __call__(self, ids):                           # [B, T] -> [B, T, 16]
+    x = nn.Embed(16, 8, name="embed_tokens")(ids)
+    x = jnp.cumsum(nn.Dense(8, name="q_proj")(x), axis=1)   # a causal mix of the prefix
+    return nn.Dense(16, name="lm_head")(jnp.tanh(x))
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo"])
+def test_dpo_reference_with_the_adapter_off_equals_a_second_model_copy(kind):
+  """The adapter-off reference (one base) gives the loss and the gradient that an
+  explicitly held second copy of the model gives."""
+  model = TinyLM()
+  ids = jnp.asarray(np.random.default_rng(2).integers(0, 16, (3, 6)), jnp.int32)
+  params = model.init(jax.random.key(0), ids)["params"]
+  ad = jlora.init_adapter(jax.random.key(3), params, jlora.LoraConfig(rank=2, targets=["q_proj"]))
+  ad = jax.tree.map(lambda v: v + 0.2, ad)
+  mask = jnp.array([[0, 0, 0, 1, 1, 1]] * 3)
+  batch = {"chosen": ids, "rejected": ids[::-1], "chosen_mask": mask, "rejected_mask": mask}
+  logits_fn = lambda a, base, x: jlora.apply(model, {"params": base}, a, x)
+  second = jax.tree.map(jnp.copy, params)
+  off = dpo.make_loss_fn(logits_fn, beta=0.5, kind=kind)
+  copy = dpo.make_loss_fn(logits_fn, beta=0.5, kind=kind,
+                          reference_fn=lambda base, x: model.apply({"params": second}, x))
+  (l1, m1), g1 = jax.jit(jax.value_and_grad(off, has_aux=True))(ad, params, batch)
+  (l2, m2), g2 = jax.jit(jax.value_and_grad(copy, has_aux=True))(ad, params, batch)
+  assert abs(float(l1) - float(l2)) < 1e-6 and float(l1) > 0
+  assert float(m1["reward_margin"]) == pytest.approx(float(m2["reward_margin"]), abs=1e-6)
+  for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+  assert float(jnp.abs(jax.tree.leaves(g1)[0]).max()) > 0
