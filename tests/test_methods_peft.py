@@ -86,16 +86,15 @@ def test_peft_files_load_into_jlora(kind, base, tmp_path):
         p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if kind == "ia3" else 0.0))
   pm.eval().save_pretrained(tmp_path)
   want = _peft_logits(pm, MASK)
-  for scan in (False, True) if kind != "prompt" else (False,):
-    model, params = hf[scan]
-    if kind == "ia3":
-      trained = peft_ia3.load(tmp_path, params, model=model, args=(jnp.zeros((1, 3), jnp.int32),))
-      assert len(jlora.adapter.loras(trained)) == (3 if scan else 6)
-    else:
-      trained = peft_prompt.load(tmp_path, model.config)
-    assert _agree(_jlora_logits(kind, model, params, trained, MASK), want) < 1e-5, scan
-  base_only = np.asarray(hf[False][0].apply({"params": hf[False][1]}, jnp.asarray(IDS)))
-  assert rel_err(base_only, want[:, -7:]) > 1e-2        # the adapter does something
+  model, params = hf[False]        # (jlora -> PEFT below runs scanned models)
+  if kind == "ia3":
+    trained = peft_ia3.load(tmp_path, params)
+    assert len(jlora.adapter.loras(trained)) == 6
+  else:
+    trained = peft_prompt.load(tmp_path, model.config)
+  assert _agree(_jlora_logits(kind, model, params, trained, MASK), want) < 1e-5
+  base_only = _jlora_logits("ia3", model, params, None, MASK)
+  assert rel_err(base_only[REAL], want[:, -7:][REAL]) > 1e-2      # the adapter does something
 
 
 def _jlora_trained(kind, model, params, key):

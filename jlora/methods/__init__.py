@@ -9,17 +9,19 @@
 - :mod:`.prompt`: prompt tuning, virtual-token embeddings before the input.
 - :mod:`.prefix`: prefix tuning / P-tuning v2, per-layer key/value prefixes.
 - :mod:`.dpo`: DPO and IPO losses, the adapter switched off as the reference.
+- :mod:`.recipes`: all of them (and LoRA, QLoRA) set up by name, for one trainer.
 
 See docs/methods.md.
 """
-from jlora.methods import bottleneck, dpo, ia3, prefix, prompt, select
+from jlora.methods import bottleneck, dpo, ia3, prefix, prompt, recipes, select
 from jlora.methods.bottleneck import Bottleneck, init_bottleneck
 from jlora.methods.ia3 import IA3, init_ia3
 from jlora.methods.prefix import Prefix, init_prefix
 from jlora.methods.prompt import Prompt, init_prompt
+from jlora.methods.recipes import METHODS, Method, setup
 from jlora.methods.select import ALL, BIASES, NORMS, join, split
 
 __all__ = ["select", "split", "join", "ALL", "BIASES", "NORMS",
            "ia3", "IA3", "init_ia3", "bottleneck", "Bottleneck", "init_bottleneck",
            "prompt", "Prompt", "init_prompt", "prefix", "Prefix", "init_prefix",
-           "dpo"]
+           "dpo", "recipes", "METHODS", "Method", "setup"]
