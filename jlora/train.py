@@ -337,8 +337,11 @@ class TrainState:
 
 
 def init_state(adapter: Any, optimizer: optax.GradientTransformation, rng=None, *,
-               data_position: int = 0) -> TrainState:
+               data_position: int = 0, trainable=None) -> TrainState:
   """A :class:`TrainState` at step 0: ``init_train_state(adapter, optimizer)`` and ``rng``.
+
+  ``trainable`` selects the trained part of ``adapter`` by path, as in
+  :func:`init_train_state` (give :func:`make_state_step` the same).
 
   Example:
     >>> ad = {"d": {"kernel": LoRA(a=jnp.ones((4, 2)), b=jnp.zeros((2, 6)))}}
@@ -347,13 +350,14 @@ def init_state(adapter: Any, optimizer: optax.GradientTransformation, rng=None, 
     (0, 0)
   """
   zero = lambda v=0: jnp.asarray(v, jnp.int32)  # noqa: E731
-  return TrainState(step=zero(), adapter=adapter, opt_state=init_train_state(adapter, optimizer),
+  return TrainState(step=zero(), adapter=adapter,
+                    opt_state=init_train_state(adapter, optimizer, trainable=trainable),
                     rng=rng, data_position=zero(data_position), skipped=zero())
 
 
 def make_state_step(loss_fn: Callable[..., Any], optimizer: optax.GradientTransformation, *,
                     has_aux: bool = False, donate: bool = True, jit: bool = True,
-                    nonfinite: str = "skip"):
+                    nonfinite: str = "skip", trainable=None):
   """:func:`make_train_step` over a :class:`TrainState`: ``step(state, base, batch) -> (state, metrics)``.
 
   Each call takes one optimizer step with ``rng = fold_in(state.rng, state.step)``
@@ -372,7 +376,7 @@ def make_state_step(loss_fn: Callable[..., Any], optimizer: optax.GradientTransf
     >>> int(state.step), int(state.data_position), int(state.skipped)
     (1, 1, 0)
   """
-  core = _core_step(loss_fn, optimizer, has_aux, nonfinite)
+  core = _core_step(loss_fn, optimizer, has_aux, nonfinite, trainable)
 
   def step(state: TrainState, base, batch):
     rng = None if state.rng is None else jax.random.fold_in(state.rng, state.step)
@@ -388,7 +392,8 @@ def make_state_step(loss_fn: Callable[..., Any], optimizer: optax.GradientTransf
 
   def checked(state: TrainState, base, batch):
     new, metrics = compiled(state, base, batch)
-    _raise_if_skipped(metrics, new.adapter, int(new.step) - 1, new)
+    trained = new.adapter if trainable is None else _select().split(new.adapter, trainable)[0]
+    _raise_if_skipped(metrics, trained, int(new.step) - 1, new)
     return new, metrics
   return checked
 
