@@ -16,15 +16,11 @@ prefix in slots ``0 … n-1`` (keys used as they are, without RoPE, as PEFT's
 attend to the prefix and causally to each other, exactly as PEFT runs a
 Hugging Face Llama. The model's code is not touched.
 
-Example:
-  >>> from jlora.models import Llama, preset, unboxed_init
-  >>> cfg = preset("tiny")
-  >>> model = Llama(cfg)
-  >>> ids = jnp.array([[5, 6, 7]])
-  >>> params = unboxed_init(model, jax.random.key(0), ids)
-  >>> prefix = init_prefix(jax.random.key(1), cfg, 4)
-  >>> apply(model, params, prefix, ids).shape        # the inputs' own positions only
-  (1, 3, 128)
+Example (docs/methods.md runs one through the model):
+  >>> from jlora.models import preset
+  >>> prefix = init_prefix(jax.random.key(1), preset("tiny"), 4)     # 2 layers, 2 kv heads of 16
+  >>> prefix.embedding.shape, prefix.kv(batch=3)[0].shape
+  ((4, 128), (2, 3, 4, 2, 16))
 """
 from __future__ import annotations
 

@@ -16,13 +16,15 @@ own logits: ``logits[:, n:]``).
   code is not touched.
 
 Example:
-  >>> from jlora.models import Llama, preset, unboxed_init
-  >>> model = Llama(preset("tiny"))
+  >>> class LM(nn.Module):             # any Linen model that embeds its ids with nn.Embed
+  ...   @nn.compact
+  ...   def __call__(self, ids):
+  ...     return nn.Dense(10)(nn.Embed(10, 4, name="embed_tokens")(ids))
   >>> ids = jnp.array([[5, 6, 7]])
-  >>> params = unboxed_init(model, jax.random.key(0), ids)
-  >>> prompt = init_prompt(jax.random.key(1), 4, params["embed_tokens"]["embedding"])
-  >>> apply(model, params, prompt, ids).shape        # [batch, n + T, vocab]
-  (1, 7, 128)
+  >>> params = LM().init(jax.random.key(0), ids)["params"]
+  >>> prompt = init_prompt(jax.random.key(1), 2, params["embed_tokens"]["embedding"])
+  >>> apply(LM(), params, prompt, ids).shape        # [batch, n + T, vocab]
+  (1, 5, 10)
 """
 from __future__ import annotations
 

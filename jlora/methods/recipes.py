@@ -123,9 +123,9 @@ def setup(name: str, key: jax.Array, model, params: Any, example_ids: jax.Array,
     >>> ids = jnp.ones((1, 4), jnp.int32)
     >>> model = Llama(preset("tiny"))
     >>> params = unboxed_init(model, jax.random.key(0), ids)
-    >>> m = setup("ia3", jax.random.key(1), model, params, ids)
-    >>> m.count(), m.logits(m.trainable, m.base, ids).shape
-    (320, (1, 4, 128))
+    >>> m = setup("bitfit", jax.random.key(1), model, params, ids)   # adds zero biases
+    >>> m.count(), m.select, m.model.config.qkv_bias
+    (896, 'biases', True)
   """
   if name not in METHODS:
     raise ConfigError(f"method must be one of {METHODS}, got {name!r}")
