@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--loss", choices=dpo.KINDS, default="sigmoid", help="sigmoid (DPO) or ipo")
   p.add_argument("--lr", type=float, default=5e-3)
   p.add_argument("--rank", type=int, default=4)
+  p.add_argument("--targets", default=jlora.ALL_LINEAR,
+                 help="comma-separated module names to adapt, or 'all-linear' (the default)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="out", help="output directory (default ./out)")
   return p.parse_args(argv)
@@ -151,7 +153,8 @@ def main(argv=None) -> int:
 
   # a fresh adapter (b = 0) is exactly the base: sample the pairs through it, so that one
   # compiled sampler serves before and after
-  lcfg = jlora.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=jlora.ALL_LINEAR)
+  lcfg = jlora.LoraConfig(rank=args.rank, alpha=2.0 * args.rank,
+                          targets=demo.targets_of(args.targets))
   adapter = jlora.init_adapter(jax.random.key(args.seed + 2), params, lcfg, model=model,
                                args=(example,))
   sample = sampler(model)

@@ -22,12 +22,10 @@ def test_train_step_benchmark_sharded_equals_single(variant):
     assert 0.5 < one["bytes_per_quantized_param"] < 0.56
 
 
-def test_train_step_benchmark_bitfit_row_and_full_aot():
-  """The BitFit row runs (tiny preset; only the zero-initialised biases train) and the full
-  fine-tune step compiles for abstract inputs (AOT) with XLA's memory analysis."""
-  argv = ["--preset", "tiny", "--batch", "2", "--seq", "8"]
-  bitfit = train_step.main(["bitfit", "--steps", "1", "--warmup", "1"] + argv)
+def test_train_step_benchmark_bitfit_row():
+  """The BitFit row runs (tiny preset): only the zero-initialised biases train."""
+  argv = ["bitfit", "--preset", "tiny", "--batch", "2", "--seq", "8", "--steps", "1",
+          "--warmup", "1"]
+  bitfit = train_step.main(argv)
   assert bitfit["trainable"] == 2 * (64 + 32 + 32 + 64 + 96 + 96 + 64)   # biases of 2 layers
   assert 4.0 < bitfit["loss"] < 6.0                                     # ~log(128) at init
-  full = train_step.main(["full", "--aot"] + argv)
-  assert full["trainable"] == 78144 and full["peak_estimate_mib"] > full["argument_mib"] > 0

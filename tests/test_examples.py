@@ -56,6 +56,7 @@ def test_dpo_example_runs(tmp_path):
   example = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(example)
   rc = example.main(["--pretrain-steps", "0", "--steps", "2", "--pairs", "64", "--eval-pairs",
-                     "32", "--batch-size", "8", "--out", str(tmp_path)])
+                     "32", "--batch-size", "8", "--targets", "q_proj,v_proj", "--out",
+                     str(tmp_path)])
   assert rc == 0
   assert (tmp_path / "dpo_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

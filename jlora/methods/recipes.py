@@ -80,12 +80,14 @@ def with_zero_biases(model, params: Any, example_ids: jax.Array):
   """The reference Llama with biases on every projection, and ``params`` with them at zero.
 
   Example:
-    >>> from jlora.models import Llama, preset, unboxed_init
+    >>> from jlora.models import Llama, preset, abstract_params
     >>> ids = jnp.ones((1, 4), jnp.int32)
     >>> model = Llama(preset("tiny"))
-    >>> m2, p2 = with_zero_biases(model, unboxed_init(model, jax.random.key(0), ids), ids)
-    >>> p2["layers_0"]["self_attn"]["q_proj"]["bias"].shape
-    (64,)
+    >>> params = jax.tree.map(lambda x: x.value, abstract_params(model.config),
+    ...                       is_leaf=lambda x: hasattr(x, "names"))        # shapes only
+    >>> m2, p2 = with_zero_biases(model, params, ids)
+    >>> p2["layers_0"]["self_attn"]["q_proj"]["bias"].shape, m2.config.o_bias
+    ((64,), True)
   """
   from jlora.models.llama import unboxed_init
   cfg = model.config.replace(qkv_bias=True, o_bias=True, mlp_bias=True)
@@ -122,10 +124,10 @@ def setup(name: str, key: jax.Array, model, params: Any, example_ids: jax.Array,
     >>> from jlora.models import Llama, preset, unboxed_init
     >>> ids = jnp.ones((1, 4), jnp.int32)
     >>> model = Llama(preset("tiny"))
-    >>> params = unboxed_init(model, jax.random.key(0), ids)
-    >>> m = setup("bitfit", jax.random.key(1), model, params, ids)   # adds zero biases
-    >>> m.count(), m.select, m.model.config.qkv_bias
-    (896, 'biases', True)
+    >>> params = jax.eval_shape(lambda k: unboxed_init(model, k, ids), jax.random.key(0))
+    >>> m = setup("ia3", jax.random.key(1), model, params, ids)       # (shapes are enough here)
+    >>> m.count(), m.select, sorted(m.trainable["layers_0"]["self_attn"])
+    (320, None, ['k_proj', 'v_proj'])
   """
   if name not in METHODS:
     raise ConfigError(f"method must be one of {METHODS}, got {name!r}")
