@@ -193,12 +193,14 @@ def export(adapter: Any, *, base_model_name_or_path=None, task_type="CAUSAL_LM")
   return tensors, config
 
 
-def save(directory, adapter: Any, *, base_model_name_or_path=None, task_type="CAUSAL_LM") -> None:
+def save(directory, adapter: Any, *, base_model_name_or_path=None, task_type="CAUSAL_LM",
+         overwrite: bool = True) -> None:
   """Writes an IA³ adapter tree as a PEFT IA³ adapter directory (atomically).
 
   Bare module names (``["k_proj", "v_proj", "down_proj"]``) are written when
   they mean the same modules; PEFT then adapts exactly those in the base model,
-  so every layer of those kinds must be in the adapter.
+  so every layer of those kinds must be in the adapter. ``overwrite=False``
+  refuses an existing directory (as ``jlora.peft.save``).
 
   Example:
     >>> import tempfile
@@ -211,4 +213,4 @@ def save(directory, adapter: Any, *, base_model_name_or_path=None, task_type="CA
   """
   tensors, config = export(adapter, base_model_name_or_path=base_model_name_or_path,
                            task_type=task_type)
-  P._write_atomic(os.fspath(directory), tensors, config)
+  P._write_atomic(os.fspath(directory), tensors, config, overwrite)

@@ -161,7 +161,7 @@ def _np(x) -> np.ndarray:
 
 
 def save(directory, adapter: Prompt | Prefix, config: Any = None, *,
-         base_model_name_or_path: str | None = None) -> None:
+         base_model_name_or_path: str | None = None, overwrite: bool = True) -> None:
   """Writes a :class:`Prompt` or :class:`Prefix` as a PEFT adapter directory (atomically).
 
   Args:
@@ -171,6 +171,8 @@ def save(directory, adapter: Prompt | Prefix, config: Any = None, *,
     config: the model's ``LlamaConfig`` (fills ``num_layers`` and, for a
       prompt, ``num_attention_heads`` in the config, as PEFT writes them).
     base_model_name_or_path: written to the config.
+    overwrite: replace an adapter already in ``directory`` (else refuse, as
+      ``jlora.peft.save``).
 
   Example:
     >>> import tempfile
@@ -180,4 +182,4 @@ def save(directory, adapter: Prompt | Prefix, config: Any = None, *,
     (4, 16)
   """
   tensors, cfg = export(adapter, config, base_model_name_or_path=base_model_name_or_path)
-  P._write_atomic(os.fspath(directory), tensors, cfg)
+  P._write_atomic(os.fspath(directory), tensors, cfg, overwrite)
