@@ -10,6 +10,8 @@
 #        exported with `git archive 29428b6 jlora benchmarks/train_step.py`), lora/qlora,
 #        unrolled/scanned, chunked loss, frozen base, no sibling fusion;
 #        GPU 1: qwix (its wheel in .whl), PEFT (+ bitsandbytes), the bank and the bf16 curve
+#   bash benchmarks/run_gpu.sh methods  # full fine-tune and BitFit beside the PyTorch full-FT anchor, then IA³,
+#                                       # bottleneck adapters, prompt and prefix tuning (TinyLlama shape)
 # bitsandbytes travels as a wheel in .whl/ (ignored by git) and goes to /tmp/site,
 # so nothing replaces the image's CUDA jax or torch. Logs and traces go to $OUT.
 set -u
@@ -73,5 +75,13 @@ case "$1" in
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     grep -h "^+ \|RESULT\|^peft_\|^full_ft\|Error\|error" "$OUT"/gpu*.log | python3 benchmarks/summary.py ;;
-  *) echo "usage: bash benchmarks/run_gpu.sh tiny|large|peft70b|probe|scale|pair" >&2; exit 2 ;;
+  methods)  # the fine-tuning family (docs/methods.md), one process per row, the anchor in the same call
+    for v in full bitfit; do
+      run python3 benchmarks/train_step.py $v --scan 0
+    done
+    run python3 benchmarks/peft_baseline.py full
+    for v in ia3 adapter prompt prefix; do
+      run python3 benchmarks/train_step.py $v --scan 0
+    done ;;
+  *) echo "usage: bash benchmarks/run_gpu.sh tiny|large|peft70b|probe|scale|pair|methods" >&2; exit 2 ;;
 esac

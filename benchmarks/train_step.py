@@ -1,4 +1,4 @@
-"""jlora LoRA / QLoRA train step on a Llama shape: tokens/s and peak memory.
+"""jlora train step on a Llama shape, one fine-tuning method per run: tokens/s and peak memory.
 
 The same workload as the PEFT anchor (benchmarks/peft_baseline.py): random
 weights, batch B × T tokens, AdamW, LoRA r=16, alpha=32 on q/k/v/o/gate/up/down,
@@ -7,9 +7,19 @@ memory is that variant's alone:
 
   python benchmarks/train_step.py lora            # bf16 base
   python benchmarks/train_step.py qlora           # NF4 + double quant base
+  python benchmarks/train_step.py full            # every weight (the PyTorch full-FT anchor's row)
+  python benchmarks/train_step.py bitfit          # biases only (zero biases added on every projection)
+  python benchmarks/train_step.py ia3             # or adapter, prompt, prefix (jlora.methods)
   python benchmarks/train_step.py lora --preset tiny --batch 2 --seq 64   # CPU smoke run
   python benchmarks/train_step.py qlora --preset llama-3-70b --batch 1 --remat full
   python benchmarks/train_step.py lora --preset llama-3-8b --batch 8 --mesh 1,4,1   # 4 devices
+  python benchmarks/train_step.py full --aot      # compile only, abstract inputs: XLA's memory estimate
+
+Full fine-tuning keeps AdamW's moments in the weights' dtype (bf16), as the
+PyTorch anchor's ``torch.optim.AdamW`` does, and donates the weights to the
+step. BitFit needs biases: the reference Llama gets ``qkv_bias``, ``o_bias`` and
+``mlp_bias`` (zero-initialised, so the model computes what the bias-free one
+does until trained); the other rows run the bias-free model.
 
 The QLoRA base is made by ``jlora.models.quantized_init`` (one layer at a time,
 quantized as it is made), so no full-precision copy of the model ever exists.
@@ -30,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 import jlora
-from jlora import train
+from jlora import methods, train
 from jlora.models.config import preset
 from jlora import sharding as S
 from jlora.models.llama import (Llama, abstract_params, head_logits, quantized_init,
@@ -38,6 +48,35 @@ from jlora.models.llama import (Llama, abstract_params, head_logits, quantized_i
 from jlora.quant import QArray
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = ["lora", "qlora", "full", "bitfit", "ia3", "adapter", "prompt", "prefix"]
+VIRTUAL_TOKENS, ADAPTER_WIDTH = 20, 64
+
+
+def method_setup(variant, model, params, example, lcfg=None):
+  """``(trainable, base, select, forward)`` of a variant: the train step's first argument,
+  its frozen argument, the trainable selection and ``forward(trainable, base, ids, **kw) ->
+  logits`` (``kw``: the model's, e.g. ``return_hidden``; not for prompt and prefix)."""
+  key = jax.random.key(2)
+  ex = (example,)
+  adapted = lambda t, base, ids, **kw: jlora.apply(model, {"params": base}, t, ids, **kw)
+  if variant in ("lora", "qlora"):
+    lcfg = lcfg or jlora.LoraConfig(rank=16, alpha=32, targets=TARGETS)
+    return jlora.init_adapter(key, params, lcfg, model=model, args=ex), params, None, adapted
+  if variant in ("full", "bitfit"):
+    return (params, None, None if variant == "full" else methods.BIASES,
+            lambda t, base, ids, **kw: model.apply({"params": t}, ids, **kw))
+  if variant == "ia3":
+    return methods.init_ia3(params, model=model, args=ex), params, None, adapted
+  if variant == "adapter":
+    return (methods.init_bottleneck(key, params, width=ADAPTER_WIDTH, model=model, args=ex),
+            params, None, adapted)
+  if variant == "prompt":
+    pr = methods.init_prompt(key, VIRTUAL_TOKENS, params["embed_tokens"]["embedding"],
+                             init="random")
+    return pr, params, None, lambda t, base, ids: methods.prompt.apply(
+        model, base, t, ids)[:, VIRTUAL_TOKENS:]
+  px = methods.init_prefix(key, model.config, VIRTUAL_TOKENS)
+  return px, params, None, lambda t, base, ids: methods.prefix.apply(model, base, t, ids)
 
 
 def flops_per_token(c, seq: int) -> float:
@@ -53,7 +92,7 @@ def flops_per_token(c, seq: int) -> float:
 
 def main(argv=None):
   ap = argparse.ArgumentParser()
-  ap.add_argument("variant", choices=["lora", "qlora"])
+  ap.add_argument("variant", choices=VARIANTS)
   ap.add_argument("--preset", default="tinyllama-1.1b")
   ap.add_argument("--batch", type=int, default=int(os.environ.get("B", 4)))
   ap.add_argument("--seq", type=int, default=int(os.environ.get("T", 1024)))
@@ -74,12 +113,21 @@ def main(argv=None):
                   help="1: LoRA matmuls sharing an input compute x·[a1|a2|...] once")
   ap.add_argument("--profile", default=None,
                   help="write a jax.profiler trace (perfetto json) of 3 more steps to this folder")
+  ap.add_argument("--aot", action="store_true",
+                  help="only lower and compile the step for abstract inputs (no memory spent on "
+                       "weights) and print XLA's memory analysis of it")
   args = ap.parse_args(argv)
 
   cfg = preset(args.preset).replace(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                     scan_layers=bool(args.scan), attention_impl=args.attention,
                                     remat=args.remat)
+  if args.variant == "bitfit":
+    cfg = cfg.replace(qkv_bias=True, o_bias=True, mlp_bias=True)
   model = Llama(cfg)
+  if args.aot:
+    return aot(args, cfg, model)
+  if args.mesh and args.variant not in ("lora", "qlora"):
+    raise SystemExit("--mesh runs the lora and qlora variants only")
   ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, cfg.vocab_size)
   t_init = time.perf_counter()
   if args.variant == "qlora":
@@ -103,23 +151,26 @@ def main(argv=None):
 
   from jlora.transform import interpret
   interpret.FUSE_SIBLINGS = bool(args.fuse)
+  lcfg = None
   if args.frozen:
     first = r"layers/self_attn/q_proj" if cfg.scan_layers else r"layers_0/self_attn/q_proj"
     lcfg = jlora.LoraConfig(rank=1, alpha=2, targets=first)
-  else:
-    lcfg = jlora.LoraConfig(rank=16, alpha=32, targets=TARGETS)
-  adapter = jlora.init_adapter(jax.random.key(2), params, lcfg, model=model, args=(ids[:1, :8],))
+  adapter, params, select, forward = method_setup(args.variant, model, params, ids[:1, :8], lcfg)
+  n_trainable = (jlora.count_params(adapter) if select is None
+                 else jlora.count_params(methods.split(adapter, select)[0]))
+  if args.loss == "chunked" and args.variant in ("prompt", "prefix"):
+    raise SystemExit("--loss chunked runs every variant but prompt and prefix")
 
   def loss_fn(ad, base, batch, rng):
     if args.loss == "chunked":
-      hidden = jlora.apply(model, {"params": base}, ad, batch, return_hidden=True)
-      head = lambda h: head_logits(cfg, base, h)
+      hidden = forward(ad, base, batch, return_hidden=True)
+      head = lambda h: head_logits(cfg, ad if base is None else base, h)
       return train.chunked_lm_loss(head, hidden[:, :-1], batch[:, 1:], chunk=256)
-    logits = jlora.apply(model, {"params": base}, ad, batch)
+    logits = forward(ad, base, batch)
     return train.lm_loss(logits[:, :-1], batch[:, 1:])
 
   opt = train.make_optimizer(1e-4)
-  state = train.init_train_state(adapter, opt)
+  state = train.init_train_state(adapter, opt, trainable=select)
   if args.mesh:
     mesh = S.make_mesh(**dict(zip(("data", "fsdp", "tensor"), map(int, args.mesh.split(",")))))
     float_sh = S.param_shardings(abstract_params(cfg), mesh)
@@ -132,7 +183,7 @@ def main(argv=None):
     params, adapter, state = S.place(params, base_sh), S.place(adapter, ad_sh), S.place(state, st_sh)
     ids = S.shard_batch(ids, mesh)
   else:
-    step = train.make_train_step(loss_fn, opt)
+    step = train.make_train_step(loss_fn, opt, trainable=select)
   t_compile = time.perf_counter()
   adapter, state, m = step(adapter, state, params, ids)
   jax.block_until_ready(m)
@@ -170,10 +221,59 @@ def main(argv=None):
       weight_gib=round(weight_bytes / 2**30, 3),
       bytes_per_quantized_param=q_bytes_per_param and round(q_bytes_per_param, 4),
       init_s=round(t_init, 1), preset=args.preset, batch=args.batch, seq=args.seq,
-      remat=args.remat, mesh=args.mesh, devices=jax.device_count(), trainable=jlora.count_params(adapter),
+      remat=args.remat, mesh=args.mesh, devices=jax.device_count(), trainable=n_trainable,
       loss=round(float(m["loss"]), 3), compile_s=round(t_compile, 1),
       tflops=round(fpt * tokens / dt / 1e12, 1), bound_tokens_per_s_at_797=round(797e12 / fpt),
       jax=jax.__version__)
+  print("RESULT", json.dumps(result), flush=True)
+  return result
+
+
+def aot(args, cfg, model):
+  """Lowers and compiles the step for abstract inputs; prints XLA's memory analysis.
+
+  No weights are allocated: the parameters, the trainable tree and the
+  optimizer state are ``jax.ShapeDtypeStruct``s. ``peak_estimate_mib`` is
+  arguments + outputs - aliased (donated) + temporaries, as the compiled
+  program's buffer assignment has them on this backend.
+  """
+  ids = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32)
+  example = jnp.zeros((1, 8), jnp.int32)
+  if args.variant == "qlora":
+    params = jax.eval_shape(lambda k: quantized_init(cfg, k, scheme="nf4", block_size=64,
+                                                     double_quant=True, targets=r".*_proj/kernel"),
+                            jax.random.key(0))
+  else:
+    params = jax.eval_shape(lambda k: unboxed_init(model, k, example), jax.random.key(0))
+  got = {}
+
+  def build(params):
+    tree, base, select, forward = method_setup(args.variant, model, params, example)
+    got["select"], got["forward"] = select, forward
+    return tree, base
+  tree, base = jax.eval_shape(build, params)
+  select, forward = got["select"], got["forward"]
+
+  def loss_fn(ad, base, batch, rng):
+    return train.lm_loss(forward(ad, base, batch)[:, :-1], batch[:, 1:])
+  opt = train.make_optimizer(1e-4)
+  state = jax.eval_shape(lambda t: train.init_train_state(t, opt, trainable=select), tree)
+  step = train.make_train_step(loss_fn, opt, trainable=select)
+  t0 = time.perf_counter()
+  compiled = step.lower(tree, state, base, ids).compile()
+  t_compile = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  mib = lambda n: round(n / 2**20, 1)
+  part = tree if select is None else methods.split(tree, select)[0]
+  result = dict(
+      variant=f"jlora_{args.variant}", aot=True, backend=jax.default_backend(),
+      preset=args.preset, batch=args.batch, seq=args.seq, scan=bool(args.scan), remat=args.remat,
+      trainable=int(sum(math.prod(x.shape) for x in jax.tree.leaves(part))),
+      argument_mib=mib(mem.argument_size_in_bytes), output_mib=mib(mem.output_size_in_bytes),
+      alias_mib=mib(mem.alias_size_in_bytes), temp_mib=mib(mem.temp_size_in_bytes),
+      peak_estimate_mib=mib(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                            - mem.alias_size_in_bytes + mem.temp_size_in_bytes),
+      compile_s=round(t_compile, 1), jax=jax.__version__)
   print("RESULT", json.dumps(result), flush=True)
   return result
 

@@ -7,10 +7,15 @@
    task: copy the sequence through a fixed substitution cipher
    (``BOS x1..x8 SEP f(x1)..f(x8)``). With ``--qlora`` the base is first
    quantized to NF4 with double quantization and trained through.
+   ``--method`` picks another member of the fine-tuning family instead, on
+   the same model and data (``jlora.methods.setup``): ``full`` (every
+   weight), ``bitfit`` (biases only), ``prompt`` (a soft prompt),
+   ``prefix`` (per-layer key/value prefixes), ``adapter`` (Houlsby
+   bottleneck adapters), ``ia3`` (IA³ scales).
 3. Prints the held-out loss and accuracy before and after, writes the loss
-   curves to ``<out>/loss_curves.png``, saves the adapter with ``jlora.save``
-   to ``<out>/adapter``, and checks that the merged model gives the same
-   logits as base + adapter.
+   curves to ``<out>/loss_curves.png``, saves the trained tree with
+   ``jlora.save`` to ``<out>/adapter``, and (for the mergeable LoRA, QLoRA
+   and IA³) checks that the merged model gives the same logits as base + adapter.
 
 Fine-tuning checkpoints its whole state (adapter, optimizer, step, PRNG key,
 data position, loss curve) to ``<out>/run`` every ``--checkpoint-every``
@@ -25,6 +30,7 @@ from different seeds), so every run prints the same numbers on a given machine.
   python examples/finetune.py --qlora         # the same through an NF4 base
   python examples/finetune.py --rank 4 --targets q_proj,k_proj,v_proj,o_proj
   python examples/finetune.py --resume        # continue an interrupted run in ./out
+  python examples/finetune.py --method prefix # or full, bitfit, prompt, adapter, ia3
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ import flax.linen as nn
 import optax
 
 import jlora
-from jlora import train
+from jlora import methods, train
 from jlora.models import Llama, LlamaConfig
 
 PAD, BOS, SEP, FIRST = 0, 1, 2, 3  # special tokens; symbols are FIRST..FIRST+SYMBOLS-1
@@ -57,9 +63,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=400, help="fine-tuning steps")
   p.add_argument("--pretrain-steps", type=int, default=400, help="pre-training steps")
   p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--lr", type=float, default=5e-3, help="fine-tuning learning rate")
+  p.add_argument("--lr", type=float, default=None,
+                 help="fine-tuning learning rate (default: the method's, e.g. 5e-3 for LoRA)")
+  p.add_argument("--method", choices=methods.METHODS, default="lora",
+                 help="what to train (default lora; see jlora.methods.recipes)")
   p.add_argument("--qlora", action="store_true",
-                 help="quantize the base to NF4 (double quantization) and train through it")
+                 help="quantize the base to NF4 (double quantization) and train through it "
+                      "(the same as --method qlora)")
+  p.add_argument("--virtual-tokens", type=int, default=8, help="prompt/prefix length")
   p.add_argument("--eval-size", type=int, default=512, help="held-out examples")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="out", help="output directory (default ./out)")
@@ -67,7 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="fine-tuning steps between checkpoints in <out>/run (default 50)")
   p.add_argument("--resume", action="store_true",
                  help="continue from the last checkpoint in <out>/run")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.qlora:
+    args.method = "qlora"
+  return args
 
 
 def make_batch(rng: np.random.Generator, task: str, n: int) -> dict:
@@ -126,25 +140,27 @@ def pretrain(model, params, args, rng):
              args.pretrain_steps, args.batch_size, rng, "pre-train (all weights)")
 
 
-def finetune(model, base, adapter, args):
-  """Trains only the adapter on the cipher task (``base`` may be quantized), with
-  checkpoints in ``<out>/run``; batch ``i`` depends only on ``i`` (and the seed),
-  so a resumed run sees the same data as an uninterrupted one."""
-  def loss_fn(adapter, base, batch, key):
-    return answer_loss(jlora.apply(model, {"params": base}, adapter, batch["ids"]), batch)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, 20, max(args.steps, 21))
+def finetune(method, args):
+  """Trains only the method's trainable tree on the cipher task (the base may be
+  quantized), with checkpoints in ``<out>/run``; batch ``i`` depends only on ``i``
+  (and the seed), so a resumed run sees the same data as an uninterrupted one."""
+  def loss_fn(trainable, base, batch, key):
+    return answer_loss(method.logits(trainable, base, batch["ids"]), batch)
+  lr = args.lr or method.learning_rate
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, 20, max(args.steps, 21))
   opt = train.make_optimizer(schedule)
-  step = train.make_state_step(loss_fn, opt)
+  step = train.make_state_step(loss_fn, opt, trainable=method.select)
   ckpt = train.TrainCheckpointer(os.path.join(args.out, "run"), every=args.checkpoint_every,
                                  keep=2, best="loss")
-  state = ckpt.resume(train.init_state(adapter, opt, rng=jax.random.key(args.seed + 2)))
+  state = ckpt.resume(train.init_state(method.trainable, opt, rng=jax.random.key(args.seed + 2),
+                                       trainable=method.select))
   if int(state.step):
     print(f"resumed fine-tuning at step {int(state.step)} from {args.out}/run")
-  bar = progress(args.steps, "fine-tune (adapter only)", int(state.step))
+  bar = progress(args.steps, f"fine-tune ({method.name})", int(state.step))
   for i in bar:
     batch = make_batch(np.random.default_rng([args.seed, 1, int(state.data_position)]), "cipher",
                        args.batch_size)
-    state, m = step(state, base, batch)
+    state, m = step(state, method.base, batch)
     ckpt.save(state, m, force=i + 1 == args.steps)       # and always the last step
     if i % 25 == 0 and hasattr(bar, "set_postfix"):
       bar.set_postfix(loss=f"{float(m['loss']):.4f}")
@@ -155,13 +171,13 @@ def finetune(model, base, adapter, args):
   return state.adapter, losses
 
 
-def plot(path: str, pre: list, fine: list) -> None:
+def plot(path: str, pre: list, fine: list, what: str = "LoRA adapter only") -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
   for ax, losses, title in ((axes[0], pre, "pre-training: copy (all weights)"),
-                            (axes[1], fine, "fine-tuning: cipher (LoRA adapter only)")):
+                            (axes[1], fine, f"fine-tuning: cipher ({what})")):
     ax.plot(np.arange(1, len(losses) + 1), losses)
     ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -213,56 +229,59 @@ def main(argv=None) -> int:
   else:
     params, pre_losses = pretrain(model, params, args, rng)
     jlora.save(base_dir, {"params": params, "losses": np.asarray(pre_losses, np.float32)})
-  base = params
-  if args.qlora:
-    # every kernel but the output head (min_size=0: small ones too), as transformers does
-    base = jlora.quantize(params, scheme="nf4", block_size=64, double_quant=True, min_size=0)
-    n_q = sum(isinstance(x, jlora.QArray) for x in jax.tree.leaves(
-        base, is_leaf=lambda x: isinstance(x, jlora.QArray)))
-    print(f"QLoRA: {n_q} kernels quantized to NF4 + double quantization; the model takes "
-          f"{jlora.nbytes(params):,} -> {jlora.nbytes(base):,} bytes")
-
   lcfg = jlora.LoraConfig(rank=args.rank, alpha=args.alpha or 2.0 * args.rank,
                           targets=targets_of(args.targets))
-  adapter = jlora.init_adapter(jax.random.key(args.seed + 1), params, lcfg, model=model,
-                               args=(example,))
-  n_ad, n_base = jlora.count_params(adapter), jlora.count_params(params)
-  print(f"LoRA adapter: rank {args.rank} on {args.targets}: {n_ad:,} trainable parameters "
-        f"({n_ad / n_base:.2%} of the model)")
+  method = methods.setup(args.method, jax.random.key(args.seed + 1), model, params, example,
+                         lora=lcfg, num_virtual_tokens=args.virtual_tokens)
+  if args.method == "qlora":
+    # every kernel but the output head (min_size=0: small ones too), as transformers does
+    n_q = sum(isinstance(x, jlora.QArray) for x in jax.tree.leaves(
+        method.base, is_leaf=lambda x: isinstance(x, jlora.QArray)))
+    print(f"QLoRA: {n_q} kernels quantized to NF4 + double quantization; the model takes "
+          f"{jlora.nbytes(params):,} -> {jlora.nbytes(method.base):,} bytes")
+  n_train, n_base = method.count(), jlora.count_params(params)
+  what = (f"LoRA adapter: rank {args.rank} on {args.targets}" if args.method in ("lora", "qlora")
+          else f"method {args.method}")
+  print(f"{what}: {n_train:,} trainable parameters ({n_train / n_base:.2%} of the model)")
 
   @jax.jit
-  def evaluate(base, adapter, batch):  # adapter=None: the base model alone
-    logits = jlora.apply(model, {"params": base}, adapter, batch["ids"])
-    return metrics(logits, batch)
+  def evaluate(trainable, base, batch):
+    return metrics(method.logits(trainable, base, batch["ids"]), batch)
 
-  before = evaluate(base, adapter, held["cipher"])
-  adapter, fine_losses = finetune(model, base, adapter, args)
-  rows = [("copy, base model", evaluate(base, None, held["copy"])),
+  @jax.jit
+  def evaluate_base(params, batch):  # the pre-trained model alone
+    return metrics(model.apply({"params": params}, batch["ids"]), batch)
+
+  before = evaluate_base(params, held["cipher"])
+  trained, fine_losses = finetune(method, args)
+  rows = [("copy, base model", evaluate_base(params, held["copy"])),
           ("cipher, base model (before)", before),
-          ("cipher, base + adapter (after)", evaluate(base, adapter, held["cipher"]))]
+          (f"cipher, {args.method} (after)", evaluate(trained, method.base, held["cipher"]))]
   print_table(rows)
 
   png = os.path.join(args.out, "loss_curves.png")
-  plot(png, pre_losses, fine_losses)
+  plot(png, pre_losses, fine_losses, f"{args.method}: {n_train:,} trained parameters")
   adapter_dir = os.path.abspath(os.path.join(args.out, "adapter"))
-  jlora.save(adapter_dir, adapter)
+  jlora.save(adapter_dir, trained)
   restored = jlora.restore(adapter_dir)
   same = all(np.array_equal(x, y) for x, y in
-             zip(jax.tree.leaves(restored), jax.tree.leaves(adapter)))
-  print(f"wrote {png}; saved the adapter to {adapter_dir} (restores identically: {same})")
+             zip(jax.tree.leaves(restored), jax.tree.leaves(trained)))
+  print(f"wrote {png}; saved the trained tree to {adapter_dir} (restores identically: {same})")
 
-  # merge W + scale·a@b into a plain float base (the dequantized one with --qlora)
-  @jax.jit
-  def merged_vs_unmerged(base, adapter, ids):
-    dense = jlora.dequantize(base) if args.qlora else base
-    merged = model.apply({"params": jlora.merge(dense, adapter)}, ids)
-    return jnp.max(jnp.abs(merged - jlora.apply(model, {"params": base}, adapter, ids)))
+  diff = 0.0
+  if args.method in ("lora", "qlora", "ia3"):
+    # merge the adapter into a plain float base (the dequantized one with --qlora)
+    @jax.jit
+    def merged_vs_unmerged(base, adapter, ids):
+      dense = jlora.dequantize(base)
+      merged = model.apply({"params": jlora.merge(dense, adapter)}, ids)
+      return jnp.max(jnp.abs(merged - jlora.apply(model, {"params": base}, adapter, ids)))
 
-  diff = float(merged_vs_unmerged(base, adapter, held["cipher"]["ids"]))
-  print(f"merged model vs base + adapter: max |logits difference| = {diff:.2e}")
+    diff = float(merged_vs_unmerged(method.base, trained, held["cipher"]["ids"]))
+    print(f"merged model vs base + adapter: max |logits difference| = {diff:.2e}")
   print(f"done in {time.time() - t0:.0f} s")
   if not same or not diff < 1e-3:
-    print("error: the restored adapter or the merged model disagrees", file=sys.stderr)
+    print("error: the restored tree or the merged model disagrees", file=sys.stderr)
     return 1
   return 0
 

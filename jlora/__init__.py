@@ -14,6 +14,7 @@ from jlora.bank import AdapterBank
 from jlora.checkpoint import restore, save
 from jlora import interop
 from jlora.interop import peft
+from jlora import methods
 
 __version__ = "0.1.0"
 
@@ -25,5 +26,5 @@ __all__ = [
     "merge", "unmerge", "delta", "scale", "negate", "combine", "count_params",
     "QArray", "quantize", "dequantize", "nbytes",
     "save", "restore",
-    "interop", "peft",
+    "interop", "peft", "methods",
 ]

@@ -27,6 +27,17 @@ and checkpoints it with :class:`TrainCheckpointer` (orbax's
 Every step checks its loss and gradients: a NaN or Inf skips the update and is
 counted (``nonfinite="skip"``, the default), or stops the run naming the step
 and the leaf (``"raise"``).
+
+What is trained can also be a part of the first argument, chosen by path
+(``trainable=``, see :mod:`jlora.methods.select`): the full model
+(``"all"``), its biases (BitFit, ``"biases"``), an adapter plus the norm
+scales (``{"adapter": ad, "params": p}`` with ``["adapter", "norms"]``)::
+
+  opt_state = init_train_state(params, optimizer, trainable="biases")
+  step = make_train_step(loss_fn, optimizer, trainable="biases")  # loss_fn(params, None, ...)
+  params, opt_state, metrics = step(params, opt_state, None, batch)
+
+Only the selected leaves are differentiated and have optimizer state.
 """
 from __future__ import annotations
 
@@ -142,16 +153,26 @@ def make_optimizer(learning_rate: float | optax.Schedule = 1e-4, *, weight_decay
   return opt
 
 
-def init_train_state(adapter: Any, optimizer: optax.GradientTransformation) -> Any:
+def init_train_state(adapter: Any, optimizer: optax.GradientTransformation, *,
+                     trainable=None) -> Any:
   """The optimizer state for training ``adapter``: ``optimizer.init(adapter)``.
 
-  Checks first that every array in ``adapter`` is floating point (only those
-  can be trained); raises a TypeError naming the first path that is not.
+  With ``trainable`` (a selection, see :mod:`jlora.methods.select`) only the
+  selected part of ``adapter`` (which may then be the whole model) gets state.
+  Checks first that every trained array is floating point (only those can be
+  trained); raises a TypeError naming the first path that is not.
 
   Example:
     >>> ad = {"d": {"kernel": LoRA(a=jnp.ones((4, 2)), b=jnp.zeros((2, 6)))}}
     >>> state = init_train_state(ad, make_optimizer(1e-3))
+    >>> params = {"d": {"kernel": jnp.ones((4, 6)), "bias": jnp.zeros(6)}}
+    >>> mu = init_train_state(params, make_optimizer(1e-3), trainable="biases")[0].mu
+    >>> mu["d"]["kernel"] is None, mu["d"]["bias"].shape
+    (True, (6,))
   """
+  if trainable is not None:
+    from jlora.methods import select
+    adapter = select.split(adapter, trainable)[0]
   for path, x in paths.flatten(adapter, is_leaf=None).items():
     dtype = getattr(x, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
@@ -163,7 +184,7 @@ def init_train_state(adapter: Any, optimizer: optax.GradientTransformation) -> A
 
 def make_train_step(loss_fn: Callable[..., Any], optimizer: optax.GradientTransformation, *,
                     has_aux: bool = False, donate: bool = True, jit: bool = True,
-                    nonfinite: str = "skip"):
+                    nonfinite: str = "skip", trainable=None):
   """Builds ``step(adapter, opt_state, base, batch, rng=None) -> (adapter, opt_state, metrics)``.
 
   ``loss_fn(adapter, base, batch, rng)`` returns a scalar loss (or
@@ -185,6 +206,13 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: optax.GradientTransf
       "raise" does the same and then raises :class:`jlora.NonFiniteError`
       naming the step and the first offending leaf (it waits for each step's
       result); "apply" applies the update anyway (no check).
+    trainable: None to train all of the first argument; or a selection of
+      its leaves by path (``"all"``, ``"biases"``, ``"norms"``, a regex, a
+      list of names, a function; see :mod:`jlora.methods.select`). Then the
+      first argument is split into the selected tree, which alone is
+      differentiated and stepped (``opt_state`` from ``init_train_state(...,
+      trainable=)``), and the rest, a constant joined back for ``loss_fn``
+      and returned unchanged.
 
   Returns:
     The step function. ``metrics`` holds "loss", "grad_norm" (global norm of
@@ -205,7 +233,7 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: optax.GradientTransf
     >>> int(m["skipped"])
     0
   """
-  core = _core_step(loss_fn, optimizer, has_aux, nonfinite)
+  core = _core_step(loss_fn, optimizer, has_aux, nonfinite, trainable)
 
   def step(adapter, opt_state, base, batch, rng=None):
     adapter, opt_state, metrics = core(adapter, opt_state, base, batch, rng)
@@ -219,19 +247,35 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: optax.GradientTransf
   def checked(adapter, opt_state, base, batch, rng=None):
     calls[0] += 1
     adapter, opt_state, metrics = compiled(adapter, opt_state, base, batch, rng)
-    _raise_if_skipped(metrics, adapter, calls[0], (adapter, opt_state))
+    trained = adapter if trainable is None else _select().split(adapter, trainable)[0]
+    _raise_if_skipped(metrics, trained, calls[0], (adapter, opt_state))
     return adapter, opt_state, metrics
   return checked
 
 
-def _core_step(loss_fn, optimizer, has_aux: bool, nonfinite: str):
-  """The update with the non-finite guard; returns ``(adapter, opt_state, metrics)``."""
+def _select():
+  from jlora.methods import select   # (jlora.methods sits above train; imported when used)
+  return select
+
+
+def _core_step(loss_fn, optimizer, has_aux: bool, nonfinite: str, trainable=None):
+  """The update with the non-finite guard; returns ``(adapter, opt_state, metrics)``.
+
+  With ``trainable`` the first argument is split by path: only the selected
+  part is differentiated and stepped, the rest joined back unchanged."""
   if nonfinite not in NONFINITE:
     raise ConfigError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
-  grad_fn = jax.value_and_grad(loss_fn, argnums=0, has_aux=has_aux)
+  if trainable is None:
+    split = lambda tree: (tree, None)          # noqa: E731
+    join = lambda part, frozen: part           # noqa: E731
+  else:
+    split = lambda tree: _select().split(tree, trainable)   # noqa: E731
+    join = _select().join
 
-  def core(adapter, opt_state, base, batch, rng):
-    out, grads = grad_fn(adapter, base, batch, rng)
+  def core(tree, opt_state, base, batch, rng):
+    adapter, frozen = split(tree)
+    fn = lambda part: loss_fn(join(part, frozen), base, batch, rng)   # noqa: E731
+    out, grads = jax.value_and_grad(fn, has_aux=has_aux)(adapter)
     loss, aux = out if has_aux else (out, None)
     updates, new_opt = optimizer.update(grads, opt_state, adapter)
     new_adapter = optax.apply_updates(adapter, updates)
@@ -248,7 +292,7 @@ def _core_step(loss_fn, optimizer, has_aux: bool, nonfinite: str):
         metrics["finite"] = finite
     if has_aux:
       metrics["aux"] = aux
-    return new_adapter, new_opt, metrics
+    return join(new_adapter, frozen), new_opt, metrics
   return core
 
 
@@ -293,8 +337,11 @@ class TrainState:
 
 
 def init_state(adapter: Any, optimizer: optax.GradientTransformation, rng=None, *,
-               data_position: int = 0) -> TrainState:
+               data_position: int = 0, trainable=None) -> TrainState:
   """A :class:`TrainState` at step 0: ``init_train_state(adapter, optimizer)`` and ``rng``.
+
+  ``trainable`` selects the trained part of ``adapter`` by path, as in
+  :func:`init_train_state` (give :func:`make_state_step` the same).
 
   Example:
     >>> ad = {"d": {"kernel": LoRA(a=jnp.ones((4, 2)), b=jnp.zeros((2, 6)))}}
@@ -303,13 +350,14 @@ def init_state(adapter: Any, optimizer: optax.GradientTransformation, rng=None, 
     (0, 0)
   """
   zero = lambda v=0: jnp.asarray(v, jnp.int32)  # noqa: E731
-  return TrainState(step=zero(), adapter=adapter, opt_state=init_train_state(adapter, optimizer),
+  return TrainState(step=zero(), adapter=adapter,
+                    opt_state=init_train_state(adapter, optimizer, trainable=trainable),
                     rng=rng, data_position=zero(data_position), skipped=zero())
 
 
 def make_state_step(loss_fn: Callable[..., Any], optimizer: optax.GradientTransformation, *,
                     has_aux: bool = False, donate: bool = True, jit: bool = True,
-                    nonfinite: str = "skip"):
+                    nonfinite: str = "skip", trainable=None):
   """:func:`make_train_step` over a :class:`TrainState`: ``step(state, base, batch) -> (state, metrics)``.
 
   Each call takes one optimizer step with ``rng = fold_in(state.rng, state.step)``
@@ -328,7 +376,7 @@ def make_state_step(loss_fn: Callable[..., Any], optimizer: optax.GradientTransf
     >>> int(state.step), int(state.data_position), int(state.skipped)
     (1, 1, 0)
   """
-  core = _core_step(loss_fn, optimizer, has_aux, nonfinite)
+  core = _core_step(loss_fn, optimizer, has_aux, nonfinite, trainable)
 
   def step(state: TrainState, base, batch):
     rng = None if state.rng is None else jax.random.fold_in(state.rng, state.step)
@@ -344,7 +392,8 @@ def make_state_step(loss_fn: Callable[..., Any], optimizer: optax.GradientTransf
 
   def checked(state: TrainState, base, batch):
     new, metrics = compiled(state, base, batch)
-    _raise_if_skipped(metrics, new.adapter, int(new.step) - 1, new)
+    trained = new.adapter if trainable is None else _select().split(new.adapter, trainable)[0]
+    _raise_if_skipped(metrics, trained, int(new.step) - 1, new)
     return new, metrics
   return checked
 

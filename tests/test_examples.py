@@ -47,3 +47,16 @@ def test_serve_many_runs(tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "read back from the PEFT directory" in proc.stdout
   assert "rows right:" in proc.stdout and "(base)" in proc.stdout and "mirror" in proc.stdout
+
+
+def test_dpo_example_runs(tmp_path):
+  """examples/dpo.py end to end at a tiny size (in-process): pairs, DPO steps, the PNG."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("dpo_example", ROOT / "examples" / "dpo.py")
+  example = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(example)
+  rc = example.main(["--pretrain-steps", "0", "--steps", "2", "--pairs", "64", "--eval-pairs",
+                     "32", "--batch-size", "8", "--targets", "q_proj,v_proj", "--out",
+                     str(tmp_path)])
+  assert rc == 0
+  assert (tmp_path / "dpo_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
