@@ -31,7 +31,7 @@ PEFT, JLORA = "peft", "jlora"
 
 def _kind_of(directory: str) -> str:
   """"peft" or "jlora": what the adapter directory holds (by its PEFT config)."""
-  from jlora.interop import peft_config
+  from jlora.interop.peft import config as peft_config
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{directory!r} is not a directory")
   if os.path.isfile(os.path.join(directory, peft_config.CONFIG_NAME)):

@@ -3,9 +3,14 @@
 :func:`from_hf` reads ``config.json`` and the safetensors weights of a
 checkpoint directory of any family in :mod:`jlora.models.registry` (Llama,
 Mistral, Qwen2, Qwen3, Gemma 1/2/3 text, Phi-3) into its reference model and
-``params`` tree, tensor by tensor; :func:`to_hf` writes them back. The
-registry is all this module knows of ``jlora.models``: each family's config
-map and name map live with that family. Names map as::
+``params`` tree, tensor by tensor; :func:`to_hf` writes them back. A
+directory may also be named by its Hugging Face Hub id (``"org/name"``),
+found in the local Hugging Face cache (:mod:`jlora.interop.hub`).
+
+The registry is all this module knows of ``jlora.models``, and it asks for
+it only when a model is built (``from_hf`` / ``to_hf``), so importing
+:mod:`jlora.interop` does not import the models: each family's config map
+and name map live with that family. Names map as::
 
   model.embed_tokens.weight [vocab, d]          embed_tokens/embedding [vocab, d]
   model.layers.{i}.self_attn.q_proj.weight      layers_{i}/self_attn/q_proj/kernel
@@ -30,16 +35,24 @@ from jax.sharding import Mesh, Sharding
 
 from jlora import paths
 from jlora.errors import ConfigError, FormatError, short
+from jlora.interop import hub
 from jlora.interop import safetensors_io as st
-from jlora.models import registry
-from jlora.models.registry import config_from_hf, config_to_hf  # noqa: F401  (re-exported)
+from jlora.interop.hf_names import NameMap
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)   # buffers some old checkpoints saved
 
 
 # ----------------------------------------------------------------------------- names
 
-_NAMES = registry.family("llama").names   # the layout every registered family shares
+_NAMES = NameMap()   # the layout every registered family shares (Family.names)
+
+
+def __getattr__(name: str):
+  """``config_from_hf`` / ``config_to_hf``: the registry's, imported when first asked for."""
+  if name in ("config_from_hf", "config_to_hf"):
+    from jlora.models import registry
+    return getattr(registry, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def hf_name(path: str, layer: int | None = None) -> str:
@@ -79,7 +92,8 @@ def _is_kernel(path: str) -> bool:
 
 def from_hf(directory: str | os.PathLike, dtype=jnp.float32, *, scan_layers: bool = False,
             quantize: str | Mapping[str, Any] | Callable[[str, jax.Array], Any] | None = None,
-            shardings: Any = None, progress: bool | None = None) -> tuple[Any, dict]:
+            shardings: Any = None, progress: bool | None = None, revision: str | None = None,
+            download: bool = False) -> tuple[Any, dict]:
   """Loads a Hugging Face safetensors checkpoint of a registered family.
 
   ``model_type`` in ``config.json`` picks the family
@@ -97,7 +111,9 @@ def from_hf(directory: str | os.PathLike, dtype=jnp.float32, *, scan_layers: boo
   read, never pickle.
 
   Args:
-    directory: the checkpoint directory (``config.json`` + safetensors).
+    directory: the checkpoint directory (``config.json`` + safetensors), or a
+      Hugging Face Hub name (``"org/name"``) found in the local Hugging Face
+      cache (:func:`jlora.interop.hub.resolve`).
     dtype: parameter and computation dtype of the returned model.
     scan_layers: stack the layers under ``layers/...`` (``[L, ...]``) for an
       ``nn.scan`` model instead of ``layers_{i}/...``.
@@ -115,6 +131,9 @@ def from_hf(directory: str | os.PathLike, dtype=jnp.float32, *, scan_layers: boo
       or a callable ``(path, ShapeDtypeStruct) -> Sharding | None``. Each
       device then reads only its own slice of the file.
     progress: show a tqdm bar (if tqdm is installed); None: when loading 64+ tensors.
+    revision: with a Hub name, the branch, tag or commit (default "main").
+    download: with a Hub name that is not cached, download its JSON and
+      safetensors files (by default nothing is downloaded).
 
   Returns:
     ``(model, params)``: the family's model (a :class:`jlora.models.Llama`
@@ -122,17 +141,20 @@ def from_hf(directory: str | os.PathLike, dtype=jnp.float32, *, scan_layers: boo
     logits ``[batch, seq, vocab]``.
 
   Raises:
-    FileNotFoundError / ValueError naming the file or tensor: no checkpoint,
+    FileNotFoundError / ValueError naming the file or tensor: no checkpoint
+    (a Hub name not in the cache: :class:`jlora.CheckpointError`),
     an unsupported ``model_type`` or config field (``jlora.ConfigError``), a truncated or inconsistent safetensors
     file, missing, unexpected or wrongly shaped tensors.
 
   Example:
-      model, params = from_hf("TinyLlama-1.1B", dtype=jnp.bfloat16)
+      model, params = from_hf("TinyLlama/TinyLlama-1.1B-Chat-v1.0", dtype=jnp.bfloat16)
       logits = model.apply({"params": params}, ids)
   """
-  directory = os.fspath(directory)
+  from jlora.models import registry
+  directory = hub.resolve(directory, "config.json", revision=revision, download=download,
+                          what="model")
   source = os.path.join(directory, "config.json")
-  config = config_from_hf(st.read_json(source), dtype=dtype, scan_layers=scan_layers,
+  config = registry.config_from_hf(st.read_json(source), dtype=dtype, scan_layers=scan_layers,
                           source=source)
   fam = registry.family(config.model_type)
   with st.open_checkpoint(directory) as ckpt:
@@ -300,9 +322,10 @@ def to_hf(directory: str | os.PathLike, config: Any, params: Any, *,
       to_hf("out", model.config, params, max_shard_size=2**30,
             extra_config={"eos_token_id": 2})
   """
+  from jlora.models import registry
   directory = os.fspath(directory)
   fam = registry.family(config.model_type, "to_hf")
-  hf_config = config_to_hf(config)       # refuses what the model_type cannot express
+  hf_config = registry.config_to_hf(config)       # refuses what the model_type cannot express
   clash = {k: v for k, v in (extra_config or {}).items() if k in hf_config and hf_config[k] != v}
   if clash:
     raise ConfigError(f"to_hf: extra_config {clash} contradicts the model's config.json fields "
