@@ -281,27 +281,32 @@ def _placer(shardings: Any, boxed: Any, specs: dict) -> Callable[[str], Sharding
   return flat.get
 
 
-def _progress(items: list, progress: bool | None, n_tensors: int, desc: str):
+def _progress(items: list, progress: bool | None, n_tensors: int, desc: str,
+              verb: str = "loading"):
   if progress is False or (progress is None and n_tensors < 64):
     return items
   try:
     from tqdm import tqdm
   except ImportError:
     return items
-  return tqdm(items, desc=f"loading {desc}", unit="param")
+  return tqdm(items, desc=f"{verb} {desc}", unit="param")
 
 
 # ----------------------------------------------------------------------------- writing
 
 def to_hf(directory: str | os.PathLike, config: Any, params: Any, *,
           max_shard_size: int | None = None, dtype=None,
-          extra_config: Mapping[str, Any] | None = None) -> list[str]:
+          extra_config: Mapping[str, Any] | None = None, keep_quantized: bool = False,
+          progress: bool | None = None) -> list[str]:
   """Writes ``params`` as a Hugging Face checkpoint: ``config.json`` + safetensors.
 
   The inverse of :func:`from_hf` (kernels transposed back to ``[out, in]``,
   scanned stacks split per layer); transformers' ``from_pretrained`` reads
-  the result. Quantized leaves (with a ``dequantize`` method) are
-  dequantized first.
+  the result. Quantized leaves (``QArray``) are dequantized first, unless
+  ``keep_quantized``: then NF4/FP4 kernels are written as bitsandbytes 4-bit
+  weights (:mod:`jlora.quant.bnb_format`, bit for bit) and ``config.json``
+  gets the ``quantization_config`` under which transformers (with
+  bitsandbytes installed) loads them as ``Linear4bit`` layers.
 
   Args:
     directory: created if needed.
@@ -314,6 +319,10 @@ def to_hf(directory: str | os.PathLike, config: Any, params: Any, *,
     extra_config: more ``config.json`` fields that the model does not hold
       (``bos_token_id``, ``eos_token_id``, ``pad_token_id``, ...); one that
       contradicts a field jlora writes raises a :class:`jlora.ConfigError`.
+    keep_quantized: write NF4/FP4 ``QArray`` kernels in bitsandbytes' layout
+      (all of one scheme and double-quantization setting; int8/int4 have no
+      transformers equivalent and raise a :class:`jlora.ConfigError`).
+    progress: show a tqdm bar (if tqdm is installed); None: for 64+ parameters.
 
   Returns:
     The names of the files written.
@@ -342,22 +351,57 @@ def to_hf(directory: str | os.PathLike, config: Any, params: Any, *,
       raise ConfigError(f"to_hf: parameter {p!r} has shape {list(flat[p].shape)}, but the "
                        f"config implies {list(spec.shape)}")
 
+  from jlora.quant.qarray import QArray
+  quantized = {p for p, x in flat.items() if isinstance(x, QArray)} if keep_quantized else set()
+  if quantized:
+    hf_config["quantization_config"] = _bnb_config(flat, quantized, fam.names, config.num_hidden_layers)
+
   def host(x):
     x = x.dequantize() if hasattr(x, "dequantize") else x
     x = np.asarray(jax.device_get(x))
     return x if dtype is None else x.astype(np.dtype(dtype))
 
+  def bnb(q, name):
+    from jlora.quant import bnb_format
+    return bnb_format.to_bnb(jax.device_get(q), name).items()
+
   def tensors():
-    for p in specs:
+    for p in _progress(list(specs), progress, len(specs), os.path.basename(directory), "writing"):
+      layers = range(config.num_hidden_layers) if p.split(paths.SEP)[0] == "layers" else [None]
+      if p in quantized:
+        for i in layers:
+          yield from bnb(flat[p] if i is None else flat[p][i], fam.names.hf_name(p, i))
+        continue
       x, kernel = host(flat[p]), _is_kernel(p)
-      if p.split(paths.SEP)[0] == "layers":
-        for i in range(config.num_hidden_layers):
-          yield fam.names.hf_name(p, i), (x[i].T if kernel else x[i])
-      else:
-        yield fam.names.hf_name(p), (x.T if kernel else x)
+      for i in layers:
+        xi = x if i is None else x[i]
+        yield fam.names.hf_name(p, i), (xi.T if kernel else xi)
 
   first = np.dtype(dtype if dtype is not None else flat["embed_tokens/embedding"].dtype)
   files = st.write_checkpoint(directory, tensors(), max_shard_size=max_shard_size)
   with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
     json.dump(dict(hf_config, torch_dtype=first.name), f, indent=2)
   return files + ["config.json"]
+
+
+def _bnb_config(flat: Mapping[str, Any], quantized: set, names: NameMap, n_layers: int) -> dict:
+  """transformers' ``quantization_config`` for bitsandbytes 4-bit weights at ``quantized``."""
+  qs = {p: flat[p] for p in sorted(quantized)}
+  kinds = {(q.scheme, q.double_quant, np.dtype(q.dtype).name) for q in qs.values()}
+  if len(kinds) > 1 or next(iter(kinds))[0] not in ("nf4", "fp4"):
+    raise ConfigError(f"to_hf(keep_quantized=True): transformers holds one bitsandbytes 4-bit "
+                      f"scheme per model (nf4 or fp4, one double-quantization setting, one "
+                      f"dtype); these weights have (scheme, double_quant, dtype) {sorted(kinds)}")
+  odd = [p for p in qs if not _is_kernel(p)]
+  if odd:
+    raise ConfigError(f"to_hf(keep_quantized=True): only Dense kernels become bitsandbytes "
+                      f"Linear4bit layers; {odd[:3]} are quantized too (dequantize them)")
+  (scheme, double_quant, dtype), = kinds
+  skip = sorted(names.hf_name(p, i).rpartition(".")[0]
+                for p in flat if _is_kernel(p) and p not in quantized
+                for i in (range(n_layers) if p.split(paths.SEP)[0] == "layers" else [None]))
+  return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+          "bnb_4bit_quant_type": scheme, "bnb_4bit_use_double_quant": bool(double_quant),
+          "bnb_4bit_compute_dtype": dtype, "bnb_4bit_quant_storage": "uint8",
+          "llm_int8_skip_modules": skip, "llm_int8_threshold": 6.0,
+          "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
