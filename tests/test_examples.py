@@ -47,3 +47,32 @@ def test_serve_many_runs(tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "read back from the PEFT directory" in proc.stdout
   assert "rows right:" in proc.stdout and "(base)" in proc.stdout and "mirror" in proc.stdout
+
+
+def _run_example(name, argv):
+  """An example's main() in this process (no new JAX start-up; conftest's 8 CPU devices)."""
+  import importlib.util
+  import sys as _sys
+  _sys.path.insert(0, str(ROOT / "examples"))
+  try:
+    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+  finally:
+    _sys.path.remove(str(ROOT / "examples"))
+
+
+def test_conv_lora_learns_through_the_convolutions(capsys):
+  out = _run_example("conv_lora", ["--pretrain-steps", "100", "--steps", "40", "--eval-size", "128",
+                                   "--batch-size", "32"])
+  assert out["after"] > out["before"] + 0.3 and out["merge_diff"] < 1e-4
+  text = capsys.readouterr().out
+  assert "conv1/kernel" in text and "conv  2" in text
+
+
+def test_sharded_training_matches_one_device(capsys):
+  out = _run_example("sharded_training", ["--steps", "1", "--batch-size", "8", "--layers", "1"])
+  assert out["first_diff"] < 1e-5 and np.isfinite(out["loss"])
+  text = capsys.readouterr().out
+  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in text and "P('fsdp', 'tensor')" in text
