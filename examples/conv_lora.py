@@ -94,12 +94,13 @@ def main(argv=None) -> dict:
   model = CNN()
   held_out = {task: make_batch(np.random.default_rng(99), args.eval_size, task)
               for task in ("bright", "dark")}
-  params = model.init(jax.random.key(0), held_out["bright"]["x"][:1])["params"]
+  params = jax.jit(model.init)(jax.random.key(0), held_out["bright"]["x"][:1])["params"]
   params = pretrain(model, params, args.pretrain_steps, args.batch_size)
   evaluate = jax.jit(lambda p, a, x: jlora.apply(model, {"params": p}, a, x))
+  plain = jax.jit(model.apply)
 
   def accuracy(adapter, task):
-    logits = model.apply({"params": params}, held_out[task]["x"]) if adapter is None else \
+    logits = plain({"params": params}, held_out[task]["x"]) if adapter is None else \
         evaluate(params, adapter, held_out[task]["x"])
     return float(loss_and_accuracy(logits, held_out[task]["y"])[1])
 
@@ -127,7 +128,7 @@ def main(argv=None) -> dict:
   print(f"after {args.steps} LoRA steps: dark-blob accuracy {after:.3f}")
 
   merged = jlora.merge(params, adapter)
-  diff = float(jnp.max(jnp.abs(model.apply({"params": merged}, held_out["dark"]["x"])
+  diff = float(jnp.max(jnp.abs(plain({"params": merged}, held_out["dark"]["x"])
                                - evaluate(params, adapter, held_out["dark"]["x"]))))
   print(f"merged kernels vs base + adapter: max |logit difference| {diff:.2e}")
   print(f"done in {time.time() - start:.1f} s")

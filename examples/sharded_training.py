@@ -8,11 +8,12 @@
    and the optimizer state's shardings from it. With ``--qlora`` the base is
    NF4-quantized and its codes sharded by blocks.
 3. Compiles one training step with all shardings pinned
-   (``jlora.sharding.shard_train_step``), trains the adapter on the demo's
-   cipher task, and checks the first sharded step's loss and gradient norm
-   against the same step on one device.
+   (``jlora.sharding.shard_train_step``) and trains the adapter on the demo's
+   cipher task over a random base (the loss falls below chance, ln 16 = 2.77,
+   as the adapter learns the cipher). ``tests/test_sharding.py`` checks such
+   steps against one device on 8x1, 4x2, 2x4 and 1x8 meshes.
 
-  python examples/sharded_training.py                  # about 30 s on a laptop CPU
+  python examples/sharded_training.py                  # about 15 s on a laptop CPU
   python examples/sharded_training.py --qlora --fsdp 4 --tensor 2
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ import argparse  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
+import flax.linen as nn  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -63,8 +65,11 @@ def main(argv=None) -> dict:
   model = Llama(config)
   boxed = abstract_params(config)                     # logical axis names, no memory spent
   base_sh = sharding.param_shardings(boxed, mesh)
-  params = jax.jit(lambda k: jlora.models.unboxed_init(model, k, jnp.ones((1, 8), jnp.int32)),
-                   out_shardings=base_sh)(jax.random.key(0))   # created where it lives
+  # random weights, placed shard by shard (a real base: from_hf(dir, shardings=mesh))
+  rng = np.random.default_rng(0)
+  params = sharding.place(jax.tree.map(      # norm scales 1, weights N(0, 0.05²)
+      lambda s: (np.ones(s.shape) if len(s.shape) == 1 else 0.05 * rng.standard_normal(s.shape))
+      .astype(s.dtype), nn.unbox(boxed)), base_sh)
   kernel = params["layers_0"]["mlp"]["up_proj"]["kernel"]
   print(f"base up_proj kernel {list(kernel.shape)}: spec {kernel.sharding.spec}, "
         f"{list(kernel.addressable_shards[0].data.shape)} per device")
@@ -88,31 +93,21 @@ def main(argv=None) -> dict:
   optimizer = train.make_optimizer(5e-3)
   opt_state = train.init_train_state(adapter, optimizer)
   st_sh = sharding.state_shardings(opt_state, ad_sh)
-  plain = train.make_train_step(loss_fn, optimizer, jit=False)
-  step = sharding.shard_train_step(plain, mesh, base_shardings=base_sh, adapter_shardings=ad_sh,
+  step = sharding.shard_train_step(train.make_train_step(loss_fn, optimizer, jit=False), mesh,
+                                   base_shardings=base_sh, adapter_shardings=ad_sh,
                                    state_shardings=st_sh)
-  rng = np.random.default_rng(0)
-  first = demo.make_batch(rng, "cipher", args.batch_size)
-
-  # the same first step on one device, for comparison (on host copies): loss and gradient norm
-  host = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
-  _, _, single = jax.jit(plain)(host(adapter), host(opt_state), host(base), host(first))
   adapter = sharding.place(adapter, ad_sh)
   opt_state = sharding.place(opt_state, st_sh)
-  adapter, opt_state, metrics = step(adapter, opt_state, base, sharding.shard_batch(first, mesh))
-  diff = max(abs(float(metrics[k]) - float(single[k])) / abs(float(single[k]))
-             for k in ("loss", "grad_norm"))
-  print(f"first step: loss {float(metrics['loss']):.4f}, gradient norm "
-        f"{float(metrics['grad_norm']):.4f}; sharded vs one device: relative difference "
-        f"{diff:.1e}")
-
-  for i in range(1, args.steps):
+  for i in range(args.steps):
     batch = sharding.shard_batch(demo.make_batch(rng, "cipher", args.batch_size), mesh)
     adapter, opt_state, metrics = step(adapter, opt_state, base, batch)
+    if i == 0:
+      first = float(metrics["loss"])
+      print(f"step 1: loss {first:.3f}")
   print(f"after {args.steps} steps: loss {float(metrics['loss']):.3f}; adapter b of up_proj "
         f"sharded {adapter['layers_0']['mlp']['up_proj']['kernel'].b.sharding.spec}")
   print(f"done in {time.time() - start:.1f} s")
-  return {"first_diff": diff, "loss": float(metrics["loss"])}
+  return {"first": first, "loss": float(metrics["loss"])}
 
 
 if __name__ == "__main__":
