@@ -73,3 +73,37 @@ def test_modules_import_without_torch():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, timeout=120)
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_api_reference_is_up_to_date():
+  """docs/api.md is what tools/gen_api.py writes from the docstrings of jlora.__all__."""
+  import runpy
+  gen = runpy.run_path(str(ROOT / "tools" / "gen_api.py"))
+  assert (ROOT / "docs" / "api.md").read_text() == gen["generate"](), (
+      "docs/api.md is out of date: run python tools/gen_api.py")
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _anchors(page: pathlib.Path) -> set[str]:
+  """GitHub's heading anchors: lower case, punctuation but '-' and '_' dropped, spaces to '-'."""
+  out = set()
+  for line in page.read_text().splitlines():
+    if line.startswith("#"):
+      text = line.lstrip("#").strip().lower()
+      out.add(re.sub(r"[^\w\- ]", "", text).replace(" ", "-"))
+  return out
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_relative_links_resolve(page):
+  """Every relative link of README.md and docs/*.md names a file (and heading) that exists."""
+  for target in LINK.findall(page.read_text()):
+    if target.startswith(("http://", "https://", "mailto:")):
+      continue
+    path, _, anchor = target.partition("#")
+    file = (page.parent / path).resolve() if path else page
+    assert file.exists(), f"{page.name}: link to {target!r}: no such file"
+    if anchor and file.suffix == ".md":
+      assert anchor in _anchors(file), f"{page.name}: link to {target!r}: no such heading"

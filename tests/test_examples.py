@@ -1,4 +1,6 @@
-"""examples/finetune.py runs end to end (tiny flags) and writes its outputs."""
+"""The examples run end to end with tiny flags: finetune.py and serve_many.py as scripts,
+sharded_training.py in this process (conftest's 8 CPU devices). examples/conv_lora.py is
+not run here (about 15 s of compiling; conv LoRA is tested in tests/test_transform.py)."""
 import os
 import pathlib
 import subprocess
@@ -47,6 +49,27 @@ def test_serve_many_runs(tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "read back from the PEFT directory" in proc.stdout
   assert "rows right:" in proc.stdout and "(base)" in proc.stdout and "mirror" in proc.stdout
+
+
+def _run_example(name, argv):
+  """An example's main() in this process (no new JAX start-up; conftest's 8 CPU devices)."""
+  import importlib.util
+  import sys as _sys
+  _sys.path.insert(0, str(ROOT / "examples"))
+  try:
+    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+  finally:
+    _sys.path.remove(str(ROOT / "examples"))
+
+
+def test_sharded_training_runs(capsys):
+  out = _run_example("sharded_training", ["--steps", "2", "--batch-size", "8", "--layers", "1"])
+  assert np.isfinite(out["first"]) and np.isfinite(out["loss"])
+  text = capsys.readouterr().out
+  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in text and "P('fsdp', 'tensor')" in text
 
 
 def test_dpo_example_runs(tmp_path):

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import jlora
 from jlora import checkpoint, cli, safe_regex
-from jlora.interop import peft_config
+from jlora.interop.peft import config as peft_config
 from jlora.quant import bnb_format as BF, quantize_array
 
 FAST = settings(max_examples=int(os.environ.get("JLORA_FUZZ_EXAMPLES", 30)), deadline=None, derandomize=True, database=None,

@@ -522,7 +522,7 @@ def test_save_layouts_without_model(tmp_path, rng):
   assert (c["r"], c["lora_alpha"], c["use_rslora"], c["use_dora"]) == (3, 5, True, False)
   assert c["rank_pattern"] == {r"model\.embed_tokens": 2} and c["alpha_pattern"] == {}
   assert c["base_model_name_or_path"] == "x/y" and c["peft_type"] == "LORA"
-  jlora.interop.peft_config.validate(c)
+  jlora.interop.peft.config.validate(c)
 
 
 @pytest.mark.parametrize("make,match", [
@@ -530,7 +530,7 @@ def test_save_layouts_without_model(tmp_path, rng):
                   "b": {"kernel": _node(rng, 4, 6, 2)}}, r"rsLoRA on all adapted weights or none"),
     (lambda rng: {"a": {"kernel": _node(rng, 4, 6, 2).replace(rank=1)}}, r"padded beyond its rank 1"),
     (lambda rng: {"layers": {"kernel": _node(rng, 4, 6, 2, stack=(2, 3))}}, r"2 stacked axes \[2, 3\]"),
-    (lambda rng: {"blocks": {"kernel": _node(rng, 4, 6, 2, stack=(2,))}}, r"'blocks/kernel' has 1 stacked axes; only a scanned 'layers/...' stack"),
+    (lambda rng: {"blocks": {"kernel": _node(rng, 4, 6, 2, stack=(2,))}}, r"gives layer 0 of the stacked 'blocks/kernel' no PEFT module name \(only a scanned 'layers/...' stack"),
 ])
 def test_save_rejects_what_peft_cannot_hold(tmp_path, rng, make, match):
   with pytest.raises(ValueError, match=match):

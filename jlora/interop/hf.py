@@ -3,9 +3,14 @@
 :func:`from_hf` reads ``config.json`` and the safetensors weights of a
 checkpoint directory of any family in :mod:`jlora.models.registry` (Llama,
 Mistral, Qwen2, Qwen3, Gemma 1/2/3 text, Phi-3) into its reference model and
-``params`` tree, tensor by tensor; :func:`to_hf` writes them back. The
-registry is all this module knows of ``jlora.models``: each family's config
-map and name map live with that family. Names map as::
+``params`` tree, tensor by tensor; :func:`to_hf` writes them back. A
+directory may also be named by its Hugging Face Hub id (``"org/name"``),
+found in the local Hugging Face cache (:mod:`jlora.interop.hub`).
+
+The registry is all this module knows of ``jlora.models``, and it asks for
+it only when a model is built (``from_hf`` / ``to_hf``), so importing
+:mod:`jlora.interop` does not import the models: each family's config map
+and name map live with that family. Names map as::
 
   model.embed_tokens.weight [vocab, d]          embed_tokens/embedding [vocab, d]
   model.layers.{i}.self_attn.q_proj.weight      layers_{i}/self_attn/q_proj/kernel
@@ -30,16 +35,24 @@ from jax.sharding import Mesh, Sharding
 
 from jlora import paths
 from jlora.errors import ConfigError, FormatError, short
+from jlora.interop import hub
 from jlora.interop import safetensors_io as st
-from jlora.models import registry
-from jlora.models.registry import config_from_hf, config_to_hf  # noqa: F401  (re-exported)
+from jlora.interop.hf_names import NameMap
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)   # buffers some old checkpoints saved
 
 
 # ----------------------------------------------------------------------------- names
 
-_NAMES = registry.family("llama").names   # the layout every registered family shares
+_NAMES = NameMap()   # the layout every registered family shares (Family.names)
+
+
+def __getattr__(name: str):
+  """``config_from_hf`` / ``config_to_hf``: the registry's, imported when first asked for."""
+  if name in ("config_from_hf", "config_to_hf"):
+    from jlora.models import registry
+    return getattr(registry, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def hf_name(path: str, layer: int | None = None) -> str:
@@ -79,7 +92,8 @@ def _is_kernel(path: str) -> bool:
 
 def from_hf(directory: str | os.PathLike, dtype=jnp.float32, *, scan_layers: bool = False,
             quantize: str | Mapping[str, Any] | Callable[[str, jax.Array], Any] | None = None,
-            shardings: Any = None, progress: bool | None = None) -> tuple[Any, dict]:
+            shardings: Any = None, progress: bool | None = None, revision: str | None = None,
+            download: bool = False) -> tuple[Any, dict]:
   """Loads a Hugging Face safetensors checkpoint of a registered family.
 
   ``model_type`` in ``config.json`` picks the family
@@ -97,7 +111,9 @@ def from_hf(directory: str | os.PathLike, dtype=jnp.float32, *, scan_layers: boo
   read, never pickle.
 
   Args:
-    directory: the checkpoint directory (``config.json`` + safetensors).
+    directory: the checkpoint directory (``config.json`` + safetensors), or a
+      Hugging Face Hub name (``"org/name"``) found in the local Hugging Face
+      cache (:func:`jlora.interop.hub.resolve`).
     dtype: parameter and computation dtype of the returned model.
     scan_layers: stack the layers under ``layers/...`` (``[L, ...]``) for an
       ``nn.scan`` model instead of ``layers_{i}/...``.
@@ -115,6 +131,9 @@ def from_hf(directory: str | os.PathLike, dtype=jnp.float32, *, scan_layers: boo
       or a callable ``(path, ShapeDtypeStruct) -> Sharding | None``. Each
       device then reads only its own slice of the file.
     progress: show a tqdm bar (if tqdm is installed); None: when loading 64+ tensors.
+    revision: with a Hub name, the branch, tag or commit (default "main").
+    download: with a Hub name that is not cached, download its JSON and
+      safetensors files (by default nothing is downloaded).
 
   Returns:
     ``(model, params)``: the family's model (a :class:`jlora.models.Llama`
@@ -122,17 +141,20 @@ def from_hf(directory: str | os.PathLike, dtype=jnp.float32, *, scan_layers: boo
     logits ``[batch, seq, vocab]``.
 
   Raises:
-    FileNotFoundError / ValueError naming the file or tensor: no checkpoint,
+    FileNotFoundError / ValueError naming the file or tensor: no checkpoint
+    (a Hub name not in the cache: :class:`jlora.CheckpointError`),
     an unsupported ``model_type`` or config field (``jlora.ConfigError``), a truncated or inconsistent safetensors
     file, missing, unexpected or wrongly shaped tensors.
 
   Example:
-      model, params = from_hf("TinyLlama-1.1B", dtype=jnp.bfloat16)
+      model, params = from_hf("TinyLlama/TinyLlama-1.1B-Chat-v1.0", dtype=jnp.bfloat16)
       logits = model.apply({"params": params}, ids)
   """
-  directory = os.fspath(directory)
+  from jlora.models import registry
+  directory = hub.resolve(directory, "config.json", revision=revision, download=download,
+                          what="model")
   source = os.path.join(directory, "config.json")
-  config = config_from_hf(st.read_json(source), dtype=dtype, scan_layers=scan_layers,
+  config = registry.config_from_hf(st.read_json(source), dtype=dtype, scan_layers=scan_layers,
                           source=source)
   fam = registry.family(config.model_type)
   with st.open_checkpoint(directory) as ckpt:
@@ -259,27 +281,32 @@ def _placer(shardings: Any, boxed: Any, specs: dict) -> Callable[[str], Sharding
   return flat.get
 
 
-def _progress(items: list, progress: bool | None, n_tensors: int, desc: str):
+def _progress(items: list, progress: bool | None, n_tensors: int, desc: str,
+              verb: str = "loading"):
   if progress is False or (progress is None and n_tensors < 64):
     return items
   try:
     from tqdm import tqdm
   except ImportError:
     return items
-  return tqdm(items, desc=f"loading {desc}", unit="param")
+  return tqdm(items, desc=f"{verb} {desc}", unit="param")
 
 
 # ----------------------------------------------------------------------------- writing
 
 def to_hf(directory: str | os.PathLike, config: Any, params: Any, *,
           max_shard_size: int | None = None, dtype=None,
-          extra_config: Mapping[str, Any] | None = None) -> list[str]:
+          extra_config: Mapping[str, Any] | None = None, keep_quantized: bool = False,
+          progress: bool | None = None) -> list[str]:
   """Writes ``params`` as a Hugging Face checkpoint: ``config.json`` + safetensors.
 
   The inverse of :func:`from_hf` (kernels transposed back to ``[out, in]``,
   scanned stacks split per layer); transformers' ``from_pretrained`` reads
-  the result. Quantized leaves (with a ``dequantize`` method) are
-  dequantized first.
+  the result. Quantized leaves (``QArray``) are dequantized first, unless
+  ``keep_quantized``: then NF4/FP4 kernels are written as bitsandbytes 4-bit
+  weights (:mod:`jlora.quant.bnb_format`, bit for bit) and ``config.json``
+  gets the ``quantization_config`` under which transformers (with
+  bitsandbytes installed) loads them as ``Linear4bit`` layers.
 
   Args:
     directory: created if needed.
@@ -292,6 +319,10 @@ def to_hf(directory: str | os.PathLike, config: Any, params: Any, *,
     extra_config: more ``config.json`` fields that the model does not hold
       (``bos_token_id``, ``eos_token_id``, ``pad_token_id``, ...); one that
       contradicts a field jlora writes raises a :class:`jlora.ConfigError`.
+    keep_quantized: write NF4/FP4 ``QArray`` kernels in bitsandbytes' layout
+      (all of one scheme and double-quantization setting; int8/int4 have no
+      transformers equivalent and raise a :class:`jlora.ConfigError`).
+    progress: show a tqdm bar (if tqdm is installed); None: for 64+ parameters.
 
   Returns:
     The names of the files written.
@@ -300,9 +331,10 @@ def to_hf(directory: str | os.PathLike, config: Any, params: Any, *,
       to_hf("out", model.config, params, max_shard_size=2**30,
             extra_config={"eos_token_id": 2})
   """
+  from jlora.models import registry
   directory = os.fspath(directory)
   fam = registry.family(config.model_type, "to_hf")
-  hf_config = config_to_hf(config)       # refuses what the model_type cannot express
+  hf_config = registry.config_to_hf(config)       # refuses what the model_type cannot express
   clash = {k: v for k, v in (extra_config or {}).items() if k in hf_config and hf_config[k] != v}
   if clash:
     raise ConfigError(f"to_hf: extra_config {clash} contradicts the model's config.json fields "
@@ -319,22 +351,57 @@ def to_hf(directory: str | os.PathLike, config: Any, params: Any, *,
       raise ConfigError(f"to_hf: parameter {p!r} has shape {list(flat[p].shape)}, but the "
                        f"config implies {list(spec.shape)}")
 
+  from jlora.quant.qarray import QArray
+  quantized = {p for p, x in flat.items() if isinstance(x, QArray)} if keep_quantized else set()
+  if quantized:
+    hf_config["quantization_config"] = _bnb_config(flat, quantized, fam.names, config.num_hidden_layers)
+
   def host(x):
     x = x.dequantize() if hasattr(x, "dequantize") else x
     x = np.asarray(jax.device_get(x))
     return x if dtype is None else x.astype(np.dtype(dtype))
 
+  def bnb(q, name):
+    from jlora.quant import bnb_format
+    return bnb_format.to_bnb(jax.device_get(q), name).items()
+
   def tensors():
-    for p in specs:
+    for p in _progress(list(specs), progress, len(specs), os.path.basename(directory), "writing"):
+      layers = range(config.num_hidden_layers) if p.split(paths.SEP)[0] == "layers" else [None]
+      if p in quantized:
+        for i in layers:
+          yield from bnb(flat[p] if i is None else flat[p][i], fam.names.hf_name(p, i))
+        continue
       x, kernel = host(flat[p]), _is_kernel(p)
-      if p.split(paths.SEP)[0] == "layers":
-        for i in range(config.num_hidden_layers):
-          yield fam.names.hf_name(p, i), (x[i].T if kernel else x[i])
-      else:
-        yield fam.names.hf_name(p), (x.T if kernel else x)
+      for i in layers:
+        xi = x if i is None else x[i]
+        yield fam.names.hf_name(p, i), (xi.T if kernel else xi)
 
   first = np.dtype(dtype if dtype is not None else flat["embed_tokens/embedding"].dtype)
   files = st.write_checkpoint(directory, tensors(), max_shard_size=max_shard_size)
   with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
     json.dump(dict(hf_config, torch_dtype=first.name), f, indent=2)
   return files + ["config.json"]
+
+
+def _bnb_config(flat: Mapping[str, Any], quantized: set, names: NameMap, n_layers: int) -> dict:
+  """transformers' ``quantization_config`` for bitsandbytes 4-bit weights at ``quantized``."""
+  qs = {p: flat[p] for p in sorted(quantized)}
+  kinds = {(q.scheme, q.double_quant, np.dtype(q.dtype).name) for q in qs.values()}
+  if len(kinds) > 1 or next(iter(kinds))[0] not in ("nf4", "fp4"):
+    raise ConfigError(f"to_hf(keep_quantized=True): transformers holds one bitsandbytes 4-bit "
+                      f"scheme per model (nf4 or fp4, one double-quantization setting, one "
+                      f"dtype); these weights have (scheme, double_quant, dtype) {sorted(kinds)}")
+  odd = [p for p in qs if not _is_kernel(p)]
+  if odd:
+    raise ConfigError(f"to_hf(keep_quantized=True): only Dense kernels become bitsandbytes "
+                      f"Linear4bit layers; {odd[:3]} are quantized too (dequantize them)")
+  (scheme, double_quant, dtype), = kinds
+  skip = sorted(names.hf_name(p, i).rpartition(".")[0]
+                for p in flat if _is_kernel(p) and p not in quantized
+                for i in (range(n_layers) if p.split(paths.SEP)[0] == "layers" else [None]))
+  return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+          "bnb_4bit_quant_type": scheme, "bnb_4bit_use_double_quant": bool(double_quant),
+          "bnb_4bit_compute_dtype": dtype, "bnb_4bit_quant_storage": "uint8",
+          "llm_int8_skip_modules": skip, "llm_int8_threshold": 6.0,
+          "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}

@@ -378,6 +378,29 @@ class Llama(nn.Module):
   """
   config: LlamaConfig
 
+  def example_args(self) -> tuple[jax.ShapeDtypeStruct]:
+    """Example inputs for tracing (``jlora.init_adapter``, ``jlora.peft.load``): ``input_ids
+    [1, 8]`` as a ``jax.ShapeDtypeStruct`` (nothing is computed).
+
+    Example:
+      >>> from jlora.models.config import preset
+      >>> Llama(preset("tiny")).example_args()
+      (ShapeDtypeStruct(shape=(1, 8), dtype=int32),)
+    """
+    return (jax.ShapeDtypeStruct((1, 8), jnp.int32),)
+
+  def name_map(self):
+    """The family's name map between parameter paths and Hugging Face tensor / PEFT module
+    names (:class:`jlora.interop.hf_names.NameMap`), for ``jlora.peft.load`` / ``save``.
+
+    Example:
+      >>> from jlora.models.config import preset
+      >>> Llama(preset("tiny")).name_map().module_name("layers_1/self_attn/q_proj/kernel")
+      'model.layers.1.self_attn.q_proj'
+    """
+    from jlora.models import registry   # the registry imports this module
+    return registry.family(self.config.model_type).names
+
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, positions=None, cache=None,
                return_hidden=False):

@@ -1,5 +1,8 @@
 """What every family map shares: the tensor-name map and reading ``config.json`` fields.
 
+The name map's class, :class:`jlora.interop.hf_names.NameMap`, is Hugging Face's
+``*ForCausalLM`` layout; each family holds its own instance (``Family.names``).
+
 A family module (:mod:`.llama`, :mod:`.gemma`, :mod:`.qwen3`, :mod:`.phi3`)
 says, for its ``model_type`` values, which ``config.json`` fields become
 which :class:`~jlora.models.config.LlamaConfig` fields, with the
@@ -15,75 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora import paths
 from jlora.errors import ConfigError
+from jlora.interop.hf_names import NameMap  # noqa: F401  (each family holds an instance)
 from jlora.models.config import ACTIVATIONS, LlamaConfig, RopeScaling
 from jlora.models.llama import Llama
-
-# ----------------------------------------------------------------------------- names
-
-@dataclasses.dataclass(frozen=True)
-class NameMap:
-  """jlora parameter paths <-> Hugging Face tensor names, for one family's layout.
-
-  ``<prefix>.layers.{i}.<module path>.weight|bias`` for the decoder layers,
-  ``<prefix>.<module>`` for the other modules but the ``heads`` (kept at the
-  top: ``lm_head.weight``). Leaves: ``embedding`` for ``embed_tokens``,
-  ``scale`` for modules whose name ends in ``norm``, ``kernel`` otherwise
-  (transposed: PyTorch ``[out, in]`` is Flax ``[in, out]``).
-
-  Attributes:
-    prefix: the base model's attribute in the ``*ForCausalLM`` class.
-    heads: top-level modules outside ``prefix``.
-
-  Example:
-    >>> names = NameMap()
-    >>> names.hf_name("layers_3/self_attn/q_norm/scale")
-    'model.layers.3.self_attn.q_norm.weight'
-    >>> names.flax_path("model.layers.3.mlp.gate_up_proj.weight", scan_layers=True)
-    ('layers/mlp/gate_up_proj/kernel', 3)
-  """
-  prefix: str = "model"
-  heads: tuple[str, ...] = ("lm_head",)
-
-  def hf_name(self, path: str, layer: int | None = None) -> str:
-    """The tensor name of the parameter at ``path`` (``layer`` of a scanned ``layers/...``)."""
-    *mods, leaf = path.split(paths.SEP)
-    if not mods:
-      raise ValueError(f"hf_name: {path!r} is not a module/parameter path")
-    head = mods[0]
-    if head == "layers":
-      if layer is None:
-        raise ValueError(f"hf_name: {path!r} is a scanned layer stack; pass layer=")
-      mods = [self.prefix, "layers", str(layer)] + mods[1:]
-    elif head.startswith("layers_"):
-      mods = [self.prefix, "layers", head[len("layers_"):]] + mods[1:]
-    elif head not in self.heads:
-      mods = [self.prefix] + mods
-    return ".".join(mods + ["bias" if leaf == "bias" else "weight"])
-
-  def flax_path(self, name: str, *, scan_layers: bool = False) -> tuple[str, int | None]:
-    """Inverse of :meth:`hf_name`: ``(jlora path, layer or None)``."""
-    parts = name.split(".")
-    if len(parts) < 2 or parts[-1] not in ("weight", "bias"):
-      raise ValueError(f"flax_path: {name!r} is not a '<module>.weight|bias' tensor name")
-    *mods, leaf = parts
-    mods = mods[1:] if mods[0] == self.prefix else mods
-    layer = None
-    if len(mods) > 2 and mods[0] == "layers" and mods[1].isdigit():
-      layer = int(mods[1])
-      mods = (["layers"] if scan_layers else [f"layers_{layer}"]) + mods[2:]
-    last = mods[-1]
-    if leaf == "bias":
-      leaf = "bias"
-    elif last == "embed_tokens":
-      leaf = "embedding"
-    elif last.endswith("norm"):
-      leaf = "scale"
-    else:
-      leaf = "kernel"
-    return paths.SEP.join(mods + [leaf]), (layer if scan_layers else None)
-
 
 # ----------------------------------------------------------------------------- families
 

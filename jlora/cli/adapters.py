@@ -1,42 +1,54 @@
-"""The ``jlora`` command line: convert adapters between PEFT and jlora, inspect them.
-
-  jlora convert SRC DST [--to jlora|peft] [--base HF_DIR] [--scan-layers]
-                        [--base-model-name NAME] [--task-type TYPE] [--force]
-  jlora inspect DIR
+"""``jlora convert`` (PEFT <-> jlora adapters) and ``jlora inspect`` (what a directory holds).
 
 ``convert`` reads a PEFT adapter directory (``adapter_config.json`` +
 ``adapter_model.safetensors``) and writes a jlora (orbax) adapter checkpoint,
 or the other way round; the direction follows from what SRC is (``--to``
-states it explicitly). ``--base`` names the Hugging Face model directory the
-adapter belongs to: with it the adapter is checked against the model's
-weights (and may target a scanned layer stack with ``--scan-layers``);
-without it the shapes come from the adapter file alone. An existing DST is
-replaced only with ``--force`` (and then atomically: a failed conversion
-leaves it as it was).
-
-Every user error (a missing or malformed file, an unwritable destination)
-ends the command with exit status 1 and one line on stderr.
+states it explicitly). ``--base`` names the Hugging Face model the adapter
+belongs to: with it the adapter is checked against the model's weights (and
+may target a scanned layer stack with ``--scan-layers``); without it the
+shapes come from the adapter file alone. An existing DST is replaced only
+with ``--force`` (and then atomically: a failed conversion leaves it as it
+was).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any
 
-from jlora.errors import CheckpointError
+from jlora.errors import AdapterError, CheckpointError
 
-PEFT, JLORA = "peft", "jlora"
+PEFT, JLORA, HF = "peft", "jlora", "hf"
+
+
+def locate(name: str) -> tuple[str, str]:
+  """``(kind, directory)``: what ``name`` holds ("peft", "jlora" or "hf", a Hugging Face
+  model) and where; a Hub name (``org/name``) is looked up in the local Hugging Face cache."""
+  from jlora.interop import hub
+  from jlora.interop.peft import config as peft_config
+  if not os.path.isdir(name) and hub.is_repo_id(name):
+    for marker, what in ((peft_config.CONFIG_NAME, "PEFT adapter"), ("config.json", "model")):
+      try:
+        name = hub.resolve(name, marker, what=what)
+        break
+      except CheckpointError:
+        if marker == "config.json":
+          raise
+  if not os.path.isdir(name):
+    raise FileNotFoundError(f"{name!r} is not a directory")
+  if os.path.isfile(os.path.join(name, peft_config.CONFIG_NAME)):
+    return PEFT, name
+  if os.path.isfile(os.path.join(name, "config.json")):
+    return HF, name
+  return JLORA, name
 
 
 def _kind_of(directory: str) -> str:
   """"peft" or "jlora": what the adapter directory holds (by its PEFT config)."""
-  from jlora.interop import peft_config
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{directory!r} is not a directory")
-  if os.path.isfile(os.path.join(directory, peft_config.CONFIG_NAME)):
-    return PEFT
-  return JLORA
+  kind, _ = locate(directory)
+  if kind == HF:
+    raise AdapterError(f"{directory!r} is a Hugging Face model (config.json), not an adapter")
+  return kind
 
 
 def _base_params(base: str | None, scan_layers: bool) -> Any:
@@ -62,13 +74,18 @@ def _load_peft(src: str, base: str | None, scan_layers: bool):
 
 
 def _check_fits(adapter: Any, base: str, scan_layers: bool) -> None:
+  _check_fits_params(adapter, _base_params(base, scan_layers), base)
+
+
+def _check_fits_params(adapter: Any, params: Any, base: str) -> None:
+  """Every adapter path is a weight of ``params`` with a shape the LoRA node fits."""
   from jlora import adapter as adapter_lib
   from jlora import lora as L
   from jlora import paths
-  flat = paths.flatten(_base_params(base, scan_layers))
+  flat = paths.flatten(params)
   for path, lo in adapter_lib.loras(adapter).items():
     if path not in flat:
-      raise ValueError(f"adapter path {path!r} is not a weight of the model in {base!r}")
+      raise AdapterError(f"adapter path {path!r} is not a weight of the model in {base!r}")
     L.check_weight(tuple(flat[path].shape), lo, path)
 
 
@@ -128,18 +145,18 @@ def _summary(adapter: Any) -> str:
 
 def _print_table(adapter: Any, out) -> None:
   from jlora import adapter as adapter_lib
+  from jlora.summary import format_table
   rows = [("path", "a", "b", "rank", "alpha", "scale", "kind", "dora")]
   for path, lo in sorted(adapter_lib.loras(adapter).items()):
     rows.append((path, str(list(lo.a.shape)), str(list(lo.b.shape)), str(lo.rank),
                  f"{lo.alpha:g}", f"{lo.scale:.4g}", lo.kind + (" (stacked)" if lo.stack else ""),
                  "yes" if lo.use_dora else "no"))
-  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-  for r in rows:
-    print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+  print(format_table(rows), file=out)
 
 
 def inspect(directory: str, *, out=None) -> None:
-  """Prints an adapter's paths, shapes, ranks, alphas and parameter count.
+  """Prints what ``directory`` holds: an adapter's paths, shapes, ranks, alphas and size
+  (PEFT or jlora); a Hugging Face model's layout, tensors and size; a jlora base checkpoint's size.
 
   Example:
     >>> import tempfile, jax.numpy as jnp, jlora
@@ -154,7 +171,12 @@ def inspect(directory: str, *, out=None) -> None:
   import jlora
   from jlora.interop import peft
   out = out or sys.stdout
-  if _kind_of(directory) == PEFT:
+  kind, directory = locate(directory)
+  if kind == HF:
+    from jlora.cli.models import inspect_model
+    inspect_model(directory, out=out)
+    return
+  if kind == PEFT:
     adapter, cfg = peft.read(directory, peft.params_from_file(directory), check_base_copies=False)
     print(f"PEFT LoRA adapter {directory}: {_summary(adapter)}", file=out)
     copies = sorted(n for n, parts in peft.split_keys(peft.read_tensors(directory)).items()
@@ -163,58 +185,26 @@ def inspect(directory: str, *, out=None) -> None:
       print(f"also carries base weight copies (PEFT's save_embedding_layers) of: "
             f"{', '.join(copies)}", file=out)
   else:
-    adapter = jlora.restore(directory)
-    print(f"jlora adapter checkpoint {directory}: {_summary(adapter)}", file=out)
+    tree = jlora.restore(directory)
+    try:
+      adapter = tree
+      summary = _summary(adapter)
+    except AdapterError:
+      print(f"jlora checkpoint {directory}: {_tree_summary(tree)}", file=out)
+      return
+    print(f"jlora adapter checkpoint {directory}: {summary}", file=out)
   _print_table(adapter, out)
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="jlora", description="LoRA adapters for JAX/Flax.")
-  sub = p.add_subparsers(dest="command", required=True)
-  c = sub.add_parser("convert", help="PEFT adapter dir <-> jlora adapter checkpoint",
-                     description="Convert a PEFT adapter directory into a jlora (orbax) adapter "
-                     "checkpoint, or a jlora checkpoint into a PEFT adapter directory.")
-  c.add_argument("src", help="a PEFT adapter directory or a jlora adapter checkpoint")
-  c.add_argument("dst", help="the output directory")
-  c.add_argument("--to", choices=(JLORA, PEFT), help="output format (default: the other one)")
-  c.add_argument("--base", help="Hugging Face model directory to check the adapter against")
-  c.add_argument("--scan-layers", action="store_true",
-                 help="PEFT -> jlora: stack per-layer weights under 'layers' (needs --base)")
-  c.add_argument("--base-model-name", help="jlora -> PEFT: base_model_name_or_path to record")
-  c.add_argument("--task-type", default="CAUSAL_LM", help="jlora -> PEFT: PEFT task_type")
-  c.add_argument("--force", action="store_true", help="replace DST if it exists")
-  i = sub.add_parser("inspect", help="print an adapter's paths, shapes, ranks and size")
-  i.add_argument("directory", help="a PEFT adapter directory or a jlora adapter checkpoint")
-  return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """Entry point of the ``jlora`` console script; returns the exit status."""
-  args = _parser().parse_args(argv)
-  try:
-    if args.command == "convert":
-      convert(args.src, args.dst, to=args.to, base=args.base, scan_layers=args.scan_layers,
-              base_model_name=args.base_model_name, task_type=args.task_type, force=args.force)
-    elif args.command == "inspect":
-      inspect(args.directory)
-  except (ValueError, OSError, NotImplementedError) as e:
-    print(f"jlora {args.command}: error: {_one_line(e)}", file=sys.stderr)
-    return 1
-  except KeyboardInterrupt:
-    print(f"jlora {args.command}: interrupted", file=sys.stderr)
-    return 130
-  return 0
-
-
-def _one_line(e: BaseException) -> str:
-  """The error as one bounded line (OSErrors: what failed and on which path)."""
-  if isinstance(e, OSError) and e.strerror:
-    text = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-  else:
-    text = str(e) or type(e).__name__
-  text = " ".join(text.split())
-  return text if len(text) <= 1000 else text[:997] + "..."
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+def _tree_summary(tree: Any) -> str:
+  """A base tree's size: values, bytes, and its quantized weights by scheme."""
+  import collections
+  import jax
+  import jlora
+  from jlora.summary import count_base
+  qs = [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, jlora.QArray))
+        if isinstance(x, jlora.QArray)]
+  schemes = collections.Counter(q.scheme for q in qs)
+  quant = ", ".join(f"{n} {s}" for s, n in sorted(schemes.items()))
+  return (f"a parameter tree of {count_base(tree):,} values in {jlora.nbytes(tree):,} bytes"
+          + (f" ({len(qs)} quantized weights: {quant})" if qs else ""))

@@ -1,4 +1,5 @@
-"""PEFT's ``adapter_config.json``: validation and PEFT's matching rules.
+"""PEFT's ``adapter_config.json``: validation, PEFT's matching rules, and translation
+to and from :class:`jlora.LoraConfig`.
 
 PEFT names modules with "."-joined Hugging Face names relative to the base
 model (``model.layers.0.self_attn.q_proj``, ``lm_head``). The rules here are
@@ -20,12 +21,16 @@ name; fields that only describe training or provenance are accepted.
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
+import re
 from typing import Any, Iterable, Mapping
 
+from jlora import paths
 from jlora import safe_regex
+from jlora.config import LoraConfig
 from jlora.errors import ConfigError, short
 from jlora.interop.safetensors_io import read_json
 
@@ -280,3 +285,106 @@ def rank_alpha(d: Mapping[str, Any], name: str) -> tuple[int, float]:
   r = pattern_value(d.get("rank_pattern"), name, d.get("r", 8))
   alpha = pattern_value(d.get("alpha_pattern"), name, d.get("lora_alpha", 8))
   return int(r), float(alpha)
+
+
+# ---------------------------------------------------------------- to and from LoraConfig
+
+def _portable(key: str) -> bool:
+  """A pattern key that means the same on "." and "/" joined names (no separators)."""
+  return re.fullmatch(r"[A-Za-z0-9_|()]+", key) is not None
+
+
+def to_lora_config(d: Mapping[str, Any], nodes: Mapping[str, Any], table, dtype) -> LoraConfig:
+  """A LoraConfig that adapts exactly ``nodes`` with their ranks and alphas.
+
+  PEFT's bare module names ("q_proj") and separator-free pattern keys mean the
+  same in jlora and are kept; anything else (regexes over "."-joined names,
+  dotted names, exclude_modules) becomes the explicit list of adapted module
+  paths and per-module patterns.
+  """
+  r, alpha = int(d.get("r", 8)), float(d.get("lora_alpha", 8))
+  init = d.get("init_lora_weights", True)
+  base = dict(rank=r, alpha=alpha, use_rslora=bool(d.get("use_rslora")),
+              use_dora=bool(d.get("use_dora")), dropout=float(d.get("lora_dropout") or 0.0),
+              init="gaussian" if init == "gaussian" else "default", dtype=dtype)
+  tm, rank_pattern = d["target_modules"], dict(d.get("rank_pattern") or {})
+  alpha_pattern = dict(d.get("alpha_pattern") or {})
+  if (not isinstance(tm, str) and all("." not in t for t in tm) and not d.get("exclude_modules")
+      and all(map(_portable, list(rank_pattern) + list(alpha_pattern)))):
+    cfg = LoraConfig(targets=list(tm), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                     **base)
+    if _selects(cfg, nodes, table):
+      return cfg
+  rp = {re.escape(paths.module_path(p)): lo.rank for p, lo in nodes.items() if lo.rank != r}
+  ap = {re.escape(paths.module_path(p)): lo.alpha for p, lo in nodes.items() if lo.alpha != alpha}
+  cfg = LoraConfig(targets=sorted(paths.module_path(p) for p in nodes), rank_pattern=rp,
+                   alpha_pattern=ap, **base)
+  if not _selects(cfg, nodes, table):
+    raise FormatError("internal: the translated LoraConfig does not select exactly the PEFT "
+                     "adapter's modules; please report this")
+  return cfg
+
+
+def _selects(cfg: LoraConfig, nodes: Mapping[str, Any], table) -> bool:
+  """Whether ``cfg`` adapts exactly the paths of ``nodes``, with their ranks and alphas."""
+  by_path = {s.path: s for s in table.values()}
+  chosen = {p for p, s in by_path.items()
+            if cfg.matches(p, len(s.kernel_shape) + s.info.stack, s.info.kind)}
+  return chosen == set(nodes) and all(cfg.resolve(p) == (lo.rank, lo.alpha)
+                                      for p, lo in nodes.items())
+
+
+def _num(x: float):
+  return int(x) if float(x).is_integer() else float(x)
+
+
+def to_peft_config(nodes, settings, cfg, base_model_name_or_path, task_type, *,
+                   bare_names: bool = True) -> dict:
+  """PEFT's adapter_config.json for ``settings``: ``{module name: (rank, alpha, path)}``.
+
+  ``bare_names``: ``cfg``'s bare target names ("q_proj") may stand for the
+  modules (true when PEFT's module names end in jlora's module names, as in
+  the default name map); else ``target_modules`` lists the full names.
+  """
+  common = collections.Counter((r, a) for r, a, _ in settings.values()).most_common(1)[0][0]
+  r, alpha = (cfg.rank, float(cfg.alpha)) if cfg is not None else common
+  dropouts = collections.Counter(lo.dropout for lo in nodes.values()).most_common(1)[0][0]
+  any_lo = next(iter(nodes.values()))
+  d = {
+      "peft_type": "LORA", "task_type": task_type,
+      "base_model_name_or_path": base_model_name_or_path, "revision": None,
+      "r": int(r), "lora_alpha": _num(alpha),
+      "target_modules": _targets(cfg if bare_names else None, settings),
+      "exclude_modules": None,
+      "use_rslora": bool(any_lo.rslora), "use_dora": bool(any_lo.use_dora),
+      "lora_dropout": float(cfg.dropout if cfg is not None else dropouts),
+      "init_lora_weights": "gaussian" if cfg is not None and cfg.init == "gaussian" else True,
+      "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "lora_bias": False,
+      "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
+  }
+  d["rank_pattern"], d["alpha_pattern"] = _patterns(cfg, settings, d)
+  return d
+
+
+def _targets(cfg: LoraConfig | None, settings) -> list[str]:
+  """Bare names from ``cfg`` when they name exactly the adapted modules' kinds,
+  else the full module names (always exact)."""
+  last = {name.rpartition(".")[2] for name in settings}
+  if (cfg is not None and not isinstance(cfg.targets, str) and cfg.exclude is None
+      and all("/" not in t and "." not in t for t in cfg.targets) and last == set(cfg.targets)):
+    return sorted(cfg.targets)
+  return sorted(settings)
+
+
+def _patterns(cfg: LoraConfig | None, settings, d) -> tuple[dict, dict]:
+  """rank/alpha patterns under which PEFT gives every module its (rank, alpha)."""
+  if cfg is not None:
+    rp, ap = dict(cfg.rank_pattern), {k: _num(v) for k, v in cfg.alpha_pattern.items()}
+    if all(map(_portable, list(rp) + list(ap))):
+      trial = {**d, "rank_pattern": rp, "alpha_pattern": ap}
+      if all(rank_alpha(trial, n) == (r, a) for n, (r, a, _) in settings.items()):
+        return rp, ap
+  rp = {re.escape(n): r for n, (r, a, _) in sorted(settings.items()) if r != d["r"]}
+  ap = {re.escape(n): _num(a) for n, (r, a, _) in sorted(settings.items())
+        if a != float(d["lora_alpha"])}
+  return rp, ap
