@@ -391,6 +391,30 @@ def plan(hardware=("h100", "v5p"), chips=(8, 64, 256)) -> list[dict]:
   return rows
 
 
+def _cell(r):
+  if r["mesh"] is None:
+    return "does not fit", "", "", ""
+  sched = f", {r['schedule']} M={r['microbatches']}" if r["schedule"] else ""
+  remat = ", remat" if r["remat"] else ""
+  return (f"{r['mesh']}{sched}{remat}", f"{r['peak_gib']} ({r['base_gib']})", f"{r['comm_gb']}",
+          f"{r['step_s']} / {r['tokens_per_s_per_chip']:,}")
+
+
+def markdown(rows) -> str:
+  """One row per model, method and chip count; a column group per hardware."""
+  hws = list(dict.fromkeys(r["hardware"] for r in rows))
+  key = lambda r: (r["model"], r["method"], r["chips"])  # noqa: E731
+  by = {(r["hardware"],) + key(r): r for r in rows}
+  head = "| model | method | chips | " + " | ".join(
+      f"{h}: mesh S×D×F×T | {h}: GiB/device (base) | {h}: collective GB/step | "
+      f"{h}: step s / tokens/s/chip" for h in hws) + " |"
+  out = [head, "|" + " --- |" * (3 + 4 * len(hws))]
+  for k in dict.fromkeys(key(r) for r in rows):
+    cells = [c for h in hws for c in _cell(by[(h,) + k])]
+    out.append(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(cells) + " |")
+  return "\n".join(out)
+
+
 def _markdown(rows):
   head = ("| hardware | model | method | chips | mesh S×D×F×T | schedule | remat | "
           "GiB/device (base) | collective GB/step/device | step s | tokens/s/chip |")
@@ -430,7 +454,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   if args.cmd == "plan":
     rows = plan(tuple(args.hardware.split(",")))
-    print(json.dumps(rows, indent=1) if args.json else _markdown(rows))
+    print(json.dumps(rows, indent=1) if args.json else markdown(rows))
     return rows
   hw = HARDWARE[args.hardware]
   hw = dataclasses.replace(hw, **{k: getattr(args, k) for k in ("flops", "hbm", "link", "net")

@@ -282,10 +282,19 @@ def _send(tree, axis: str, stages: int, step: int):
   return jax.tree.map(lambda x: jax.lax.ppermute(x, axis, pairs), tree)
 
 
-def _stage_rules():
-  """The logical-axis rules in force, minus the manual stage axis (for code inside stages)."""
+def _manual_axes(mesh: Mesh, axis: str) -> frozenset:
+  """The axes the pipeline's ``shard_map`` is manual over: the stage axis, and every axis of
+  size 1 (nothing changes for those, and a fully manual region lowers custom calls such as
+  cuDNN attention directly instead of through their partitioning rules)."""
+  return frozenset({axis} | {a for a in mesh.axis_names if mesh.shape[a] == 1})
+
+
+def _stage_rules(manual) -> tuple:
+  """The logical-axis rules in force, minus the manual axes (for code inside stages)."""
   rules = nn.get_logical_axis_rules()
-  return without_axis(rules, STAGE_AXIS)
+  for a in sorted(manual):
+    rules = without_axis(rules, a)
+  return rules
 
 
 def _specs(tree, spec):
@@ -343,7 +352,8 @@ def gpipe(stage_fn: Callable, layers: Any, x: jax.Array, rows: Any = None,
   pipeline.check(stages, num_layers, batch)
   mbs = pipeline.microbatches
   scatter = batch % stages == 0
-  rules = _stage_rules()
+  manual = _manual_axes(mesh, axis)
+  rules = _stage_rules(manual)
 
   def inner(layers, x, rows, layer_rows, consts):
     s = jax.lax.axis_index(axis)
@@ -376,7 +386,7 @@ def gpipe(stage_fn: Callable, layers: Any, x: jax.Array, rows: Any = None,
               _specs(consts, P()))
   out_specs = (P(axis) if scatter else P(), _specs(layer_rows, P(axis)), P(axis))
   y, new_rows, counts = jax.shard_map(inner, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                                      axis_names={axis})(layers, x, rows, layer_rows, consts)
+                                      axis_names=manual)(layers, x, rows, layer_rows, consts)
   return (y, new_rows, counts) if return_counts else (y, new_rows)
 
 
@@ -437,6 +447,7 @@ def one_f_one_b(stage_fn: Callable, head_fn: Callable, layers: Any, trained: Any
   # the tensor axis are > 1. Sharding propagation from the microbatch and the weights
   # lays the activations out instead.
   rules = ()
+  manual = _manual_axes(mesh, axis)
 
   def inner(layers, trained, head_params, head_trained, x, rows, head_rows):
     s = jax.lax.axis_index(axis)
@@ -516,7 +527,7 @@ def one_f_one_b(stage_fn: Callable, head_fn: Callable, layers: Any, trained: Any
               _specs(head_trained, P()), P(), _specs(rows, P()), _specs(head_rows, P()))
   out_specs = (P(), _specs(trained, P(axis)), _specs(head_trained, P()), P(), P(axis))
   loss, d_tr, d_ht, d_x, counts = jax.shard_map(
-      inner, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names={axis})(
+      inner, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=manual)(
           layers, trained, head_params, head_trained, x, rows, head_rows)
   out = (loss, d_tr, d_ht, d_x)
   return out + (counts,) if return_counts else out
