@@ -241,6 +241,10 @@ def test_pipelined_generation_is_the_models_greedy_decoding(llama):
   want = np.argmax(np.asarray(logits[:, 4:-1]), axis=-1)
   np.testing.assert_array_equal(np.asarray(out[:, 5:]), want)
   assert len(set(np.asarray(out[:, 5:]).ravel().tolist())) > 2     # not a constant output
+  dropped = jax.tree.map(lambda lo: lo.replace(dropout=0.1), adapter,
+                         is_leaf=lambda x: isinstance(x, L.LoRA))
+  with pytest.raises(ConfigError, match="LoRA dropout 0.1"):
+    MP.apply(llama.model, {"params": llama.base}, dropped, prompt, mesh=mesh, pipeline=pipe)
   with pytest.raises(ConfigError, match="3 stages"):
     MP.stage_config(llama.cfg, 3)
   with pytest.raises(ConfigError, match="scan_layers=True"):
