@@ -10,7 +10,7 @@ memory is that variant's alone:
   python benchmarks/train_step.py lora --preset tiny --batch 2 --seq 64   # CPU smoke run
   python benchmarks/train_step.py qlora --preset llama-3-70b --batch 1 --remat full
   python benchmarks/train_step.py lora --preset llama-3-8b --batch 8 --mesh 1,4,1   # 4 devices
-  python benchmarks/train_step.py lora --preset llama-3-8b --batch 4 --pipeline 2,4,gpipe  # 2 stages
+  python benchmarks/train_step.py lora --preset llama-3-8b --batch 4 --pipeline 2,4,gpipe
 
 The QLoRA base is made by ``jlora.models.quantized_init`` (one layer at a time,
 quantized as it is made), so no full-precision copy of the model ever exists.

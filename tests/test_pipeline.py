@@ -14,7 +14,8 @@ from jlora import ConfigError
 from jlora import lora as L
 from jlora import sharding as S
 
-FAST = {"xla_backend_optimization_level": 0}     # CPU compile time; numerics unchanged
+FAST = {"xla_backend_optimization_level": 0,      # CPU compile time; numerics unchanged
+        "xla_llvm_disable_expensive_passes": True}
 
 
 # ---- the schedules -----------------------------------------------------------

@@ -124,7 +124,7 @@ class Pipeline:
       >>> Pipeline(microbatches=4).check(stages=3, num_layers=4, batch=8)
       Traceback (most recent call last):
       ...
-      jlora.errors.ConfigError: pipeline: 4 layers do not split into 3 stages (the layer count must be a multiple of the stage count)
+      jlora.errors.ConfigError: pipeline: 4 layers do not split into 3 stages ...
     """
     if num_layers % stages:
       raise ConfigError(f"pipeline: {num_layers} layers do not split into {stages} stages (the "
@@ -376,7 +376,7 @@ def gpipe(stage_fn: Callable, layers: Any, x: jax.Array, rows: Any = None,
 
     init = _vary((jnp.zeros_like(xm[0]), jnp.zeros_like(xm), lrows_m, jnp.zeros((), jnp.int32)),
                  axis)
-    (_, out, lrows, count), _ = jax.lax.scan(tick, init, jnp.arange(pipeline.ticks(stages)))
+    (_, out, lrows, count), _ = jax.lax.scan(tick, init, jnp.arange(ticks("gpipe", stages, mbs)))
     y = unmicrobatch(out)
     y = (jax.lax.psum_scatter(y, axis, scatter_dimension=0, tiled=True) if scatter
          else jax.lax.psum(y, axis))
@@ -517,7 +517,7 @@ def one_f_one_b(stage_fn: Callable, head_fn: Callable, layers: Any, trained: Any
     init = _vary((mb0, mb0, jnp.zeros((slots,) + mb0.shape, mb0.dtype), zeros(trained),
                   zeros(head_trained), jnp.zeros((), jnp.float32), jnp.zeros_like(xm), mb0,
                   jnp.zeros((2,), jnp.int32)), axis)
-    carry, _ = jax.lax.scan(tick, init, jnp.arange(pipeline.ticks(stages)))
+    carry, _ = jax.lax.scan(tick, init, jnp.arange(ticks("1f1b", stages, mbs)))
     _, _, _, d_tr, d_ht, loss, dx_out, _, count = carry
     # only the last stage has a loss and head gradient, only the first an input gradient
     loss, d_ht, d_x = jax.lax.psum((loss, d_ht, unmicrobatch(dx_out)), axis)
