@@ -12,6 +12,8 @@
 #        GPU 1: qwix (its wheel in .whl), PEFT (+ bitsandbytes), the bank and the bf16 curve
 #   bash benchmarks/run_gpu.sh methods  # full fine-tune and BitFit beside the PyTorch full-FT anchor, then IA³,
 #                                       # bottleneck adapters, prompt and prefix tuning (TinyLlama shape)
+#   bash benchmarks/run_gpu.sh scale2   # 8B LoRA on 1 and 2 GPUs: data, FSDP, pipeline (GPipe, 1F1B) + cost model
+#   bash benchmarks/run_gpu.sh scale2q  # 70B QLoRA on 1 and 2 GPUs: FSDP and pipeline + cost model
 # bitsandbytes travels as a wheel in .whl/ (ignored by git) and goes to /tmp/site,
 # so nothing replaces the image's CUDA jax or torch. Logs and traces go to $OUT.
 set -u
@@ -40,7 +42,27 @@ case "$1" in
     for n in 1 2 4; do
       run python3 benchmarks/train_step.py lora --preset llama-3-8b --scan 1 --batch $((2 * n)) --mesh $n,1,1
       run python3 benchmarks/train_step.py lora --preset llama-3-8b --scan 1 --batch $((2 * n)) --mesh 1,$n,1
+      if [ "$n" -gt 1 ]; then   # the layers in n stages, 2 microbatches a stage
+        run python3 benchmarks/train_step.py lora --preset llama-3-8b --batch $((2 * n)) --pipeline $n,$((2 * n)),gpipe
+      fi
     done ;;
+  scale2|scale2q)  # 1 GPU, then 2 GPUs (kind nvidia-h200-x2) as data, FSDP and pipeline meshes;
+    # each RESULT line holds the cost model's prediction, plain and calibrated on the 1-GPU step
+    if [ "$1" = scale2 ]; then
+      common="lora --preset llama-3-8b --scan 1 --steps 4 --warmup 2 --hardware h200"; b=2
+    else
+      common="qlora --preset llama-3-70b --scan 1 --remat full --steps 3 --warmup 2 --hardware h200"; b=1
+    fi
+    one=$(python3 benchmarks/train_step.py $common --batch $b 2>&1 | grep '^RESULT' | tail -1)
+    echo "$one"
+    cal=$(printf '%s' "$one" | python3 -c 'import sys, json; print(json.loads(sys.stdin.read()[7:])["step_s"])' 2>/dev/null)
+    common="$common ${cal:+--calibrate $cal}"
+    run python3 benchmarks/train_step.py $common --batch $((2 * b)) --mesh 2,1,1
+    run python3 benchmarks/train_step.py $common --batch $((2 * b)) --mesh 1,2,1
+    run python3 benchmarks/train_step.py $common --batch $((2 * b)) --pipeline 2,$((2 * b)),gpipe
+    if [ "$1" = scale2 ]; then
+      run python3 benchmarks/train_step.py $common --batch 4 --pipeline 2,4,1f1b
+    fi ;;
   probe)  # where the time goes: kernel table, XLA command buffers off, the dequant kernel
     run python3 benchmarks/train_step.py lora --scan 0 --profile "$OUT/prof"
     python3 benchmarks/kernels.py "$OUT/prof" --top 30
@@ -83,5 +105,5 @@ case "$1" in
     for v in ia3 adapter prompt prefix; do
       run python3 benchmarks/train_step.py $v --scan 0
     done ;;
-  *) echo "usage: bash benchmarks/run_gpu.sh tiny|large|peft70b|probe|scale|pair|methods" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/run_gpu.sh tiny|large|peft70b|probe|scale|scale2|scale2q|pair|methods" >&2; exit 2 ;;
 esac

@@ -13,6 +13,7 @@ memory is that variant's alone:
   python benchmarks/train_step.py lora --preset tiny --batch 2 --seq 64   # CPU smoke run
   python benchmarks/train_step.py qlora --preset llama-3-70b --batch 1 --remat full
   python benchmarks/train_step.py lora --preset llama-3-8b --batch 8 --mesh 1,4,1   # 4 devices
+  python benchmarks/train_step.py lora --preset llama-3-8b --batch 4 --pipeline 2,4,gpipe
   python benchmarks/train_step.py full --aot      # compile only, abstract inputs: XLA's memory estimate
 
 Full fine-tuning keeps AdamW's moments in the weights' dtype (bf16), as the
@@ -27,7 +28,8 @@ quantized as it is made), so no full-precision copy of the model ever exists.
 Prints one JSON line per variant, prefixed with RESULT: ``step_s`` is the
 median of steps each synchronised (``block_until_ready``), ``pipelined_*``
 the mean of steps run back to back with one sync at the end, which is how the
-PEFT anchor script times itself.
+PEFT anchor script times itself. With ``--hardware`` the line also holds the
+cost model's prediction (``benchmarks/cost_model.py``) for the same step.
 """
 import argparse
 import json
@@ -111,12 +113,29 @@ def main(argv=None):
                   help="the frozen-base step: one rank-1 adapter on layer 0's q_proj only")
   ap.add_argument("--fuse", type=int, default=1,
                   help="1: LoRA matmuls sharing an input compute x·[a1|a2|...] once")
+  ap.add_argument("--pipeline", default=None,
+                  help="STAGES,MICROBATCHES[,gpipe|1f1b]: the layers pipelined over a 'stage' "
+                       "mesh axis (with --mesh for the other axes; implies --scan 1)")
+  ap.add_argument("--hardware", default=None,
+                  help="print the cost model's prediction for this device (h200, h100, v5p)")
+  ap.add_argument("--calibrate", type=float, default=None,
+                  help="with --hardware: a measured one-device step time (s) at the same "
+                       "per-device batch, to fit the cost model's compute efficiency")
   ap.add_argument("--profile", default=None,
                   help="write a jax.profiler trace (perfetto json) of 3 more steps to this folder")
   ap.add_argument("--aot", action="store_true",
                   help="only lower and compile the step for abstract inputs (no memory spent on "
                        "weights) and print XLA's memory analysis of it")
   args = ap.parse_args(argv)
+  pipe, stages = None, 1
+  if args.pipeline:
+    if args.loss != "full":
+      ap.error("--pipeline computes the full next-token loss (--loss full)")
+    parts = args.pipeline.split(",")
+    stages = int(parts[0])
+    pipe = S.Pipeline(microbatches=int(parts[1]), schedule=parts[2] if len(parts) > 2 else "gpipe")
+    args.scan = 1
+    args.mesh = args.mesh or "1,1,1"
 
   cfg = preset(args.preset).replace(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                     scan_layers=bool(args.scan), attention_impl=args.attention,
@@ -172,16 +191,25 @@ def main(argv=None):
   opt = train.make_optimizer(1e-4)
   state = train.init_train_state(adapter, opt, trainable=select)
   if args.mesh:
-    mesh = S.make_mesh(**dict(zip(("data", "fsdp", "tensor"), map(int, args.mesh.split(",")))))
-    float_sh = S.param_shardings(abstract_params(cfg), mesh)
+    sizes = dict(zip(("data", "fsdp", "tensor"), map(int, args.mesh.split(","))))
+    rules = S.DEFAULT_RULES
+    if pipe is not None:       # the stack pipelined; embedding and head data-parallel
+      from jlora.models import pipeline as model_pipeline
+      mesh = S.make_mesh(stage=stages, **sizes)
+      rules = S.pipeline_rules()
+      loss_fn = model_pipeline.lm_loss_fn(model, mesh, pipe)
+      print(pipe.describe(stages), flush=True)
+    else:
+      mesh = S.make_mesh(**sizes)
+    float_sh = S.param_shardings(abstract_params(cfg), mesh, rules)
     base_sh = S.quantized_shardings(params, float_sh)
     ad_sh = S.adapter_shardings(adapter, float_sh)
     st_sh = S.state_shardings(state, ad_sh)
     step = S.shard_train_step(train.make_train_step(loss_fn, opt, jit=False), mesh,
                               base_shardings=base_sh, adapter_shardings=ad_sh,
-                              state_shardings=st_sh)
+                              state_shardings=st_sh, rules=rules)
     params, adapter, state = S.place(params, base_sh), S.place(adapter, ad_sh), S.place(state, st_sh)
-    ids = S.shard_batch(ids, mesh)
+    ids = S.shard_batch(ids, mesh, rules)
   else:
     step = train.make_train_step(loss_fn, opt, trainable=select)
   t_compile = time.perf_counter()
@@ -225,10 +253,33 @@ def main(argv=None):
       loss=round(float(m["loss"]), 3), compile_s=round(t_compile, 1),
       tflops=round(fpt * tokens / dt / 1e12, 1), bound_tokens_per_s_at_797=round(797e12 / fpt),
       jax=jax.__version__)
+  if pipe is not None:
+    result.update(pipeline=args.pipeline, bubble=round(pipe.bubble_fraction(stages), 4))
+  if args.hardware:
+    result.update(_prediction(args, stages, pipe))
   print("RESULT", json.dumps(result), flush=True)
   return result
 
 
+def _prediction(args, stages, pipe) -> dict:
+  """The cost model's step time and peak memory for this run (benchmarks/cost_model.py)."""
+  import dataclasses
+  import cost_model
+  data, fsdp, tensor = map(int, (args.mesh or "1,1,1").split(","))
+  w = cost_model.Workload(model=args.preset, method=args.variant, batch=args.batch, seq=args.seq,
+                          remat=args.remat, mesh=(stages, data, fsdp, tensor),
+                          microbatches=pipe.microbatches if pipe else 1,
+                          schedule=pipe.schedule if pipe else "gpipe")
+  hw = cost_model.HARDWARE[args.hardware]
+  p = cost_model.predict(w, hw)
+  out = dict(predicted_step_s=round(p["step_s"], 4), predicted_peak_gib=round(p["peak_gib"], 2),
+             predicted_comm_gb=round(p["comm_gb"], 3))
+  if args.calibrate:
+    one = dataclasses.replace(w, mesh=(1, 1, 1, 1), microbatches=1,
+                              batch=max(1, args.batch // (stages * data * fsdp * tensor)))
+    eff = cost_model.predict(one, hw, efficiency=1.0)["compute_s"] / args.calibrate
+    out["predicted_step_s_calibrated"] = round(cost_model.predict(w, hw, eff)["step_s"], 4)
+  return out
 def aot(args, cfg, model):
   """Lowers and compiles the step for abstract inputs; prints XLA's memory analysis.
 

@@ -17,16 +17,26 @@ comes out sharded like ``x @ W``; the rank axis is replicated.
 
 A dimension that a mesh axis does not divide evenly is replicated instead
 (``fit_spec``), so any rule table works for any model size.
+
+Pipeline parallelism (:mod:`jlora.sharding.pipeline`) adds a fourth,
+outermost mesh axis ``"stage"`` (``make_mesh(stage=S)``) over which a stacked
+layer axis is split; :class:`Pipeline` says how the batch is cut into
+microbatches and scheduled ("gpipe" or "1f1b").
 """
-from jlora.sharding.mesh import (DEFAULT_RULES, MESH_AXES, batch_sharding, constrain, fit_spec,
-                                 logical_spec, make_mesh, param_shardings, place, shard_batch)
+from jlora.sharding.mesh import (DEFAULT_RULES, MESH_AXES, STAGE_AXIS, batch_sharding, constrain,
+                                 fit_spec, logical_spec, make_mesh, param_shardings,
+                                 pipeline_rules, place, shard_batch)
 from jlora.sharding.derive import (adapter_shardings, lora_shardings, qarray_shardings,
                                    quantized_shardings, state_shardings)
 from jlora.sharding.steps import greedy_decode, shard_generate, shard_train_step
+from jlora.sharding.pipeline import (SCHEDULES, Pipeline, bubble_fraction, gpipe, one_f_one_b,
+                                     schedule_table)
 
 __all__ = [
     "MESH_AXES", "DEFAULT_RULES", "make_mesh", "fit_spec", "logical_spec", "param_shardings",
     "lora_shardings", "adapter_shardings", "qarray_shardings", "quantized_shardings",
     "state_shardings", "place", "batch_sharding", "shard_batch", "constrain",
     "shard_train_step", "greedy_decode", "shard_generate",
+    "STAGE_AXIS", "pipeline_rules", "SCHEDULES", "Pipeline", "bubble_fraction", "schedule_table",
+    "gpipe", "one_f_one_b",
 ]

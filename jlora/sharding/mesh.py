@@ -15,6 +15,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 """The mesh axis names :func:`make_mesh` creates, outermost first."""
 
+STAGE_AXIS = "stage"
+"""The pipeline mesh axis: ``make_mesh(stage=S)`` puts it outermost, before :data:`MESH_AXES`."""
+
 
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
@@ -23,7 +26,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("embed", "fsdp"),
-    ("layers", None),
+    ("layers", "stage"),
     ("head_dim", None),
     ("length", None),
 )
@@ -33,36 +36,90 @@ Data parallelism splits the batch over ``data`` and ``fsdp``; FSDP splits the
 model dimension ``embed`` of every weight over ``fsdp``; tensor parallelism
 (Megatron style) splits ``heads``/``kv_heads``/``mlp``/``vocab`` over
 ``tensor``. Activations ``[batch, length, embed]`` keep ``embed`` whole
-because ``fsdp`` is already taken by ``batch``.
+because ``fsdp`` is already taken by ``batch``. A stacked layer axis
+(``nn.scan``'s ``layers``) is split over ``stage`` when the mesh has that
+axis (pipeline parallelism, :mod:`jlora.sharding.pipeline`); on a mesh
+without it, it is replicated.
 """
+
+
+def pipeline_rules(rules=None) -> tuple[tuple[str, Any], ...]:
+  """``rules`` with ``stage`` added in front of the ``batch`` rule's mesh axes.
+
+  For a pipelined step: the parts of the model outside the pipelined layer
+  stack (embedding, final norm, head, loss) then run data-parallel over the
+  stages too, instead of repeated on every stage. Inside the pipeline the
+  stages strip ``stage`` from the rules again.
+
+  Example:
+    >>> dict(pipeline_rules())["batch"]
+    ('stage', 'data', 'fsdp')
+  """
+  out = []
+  for name, axes in (DEFAULT_RULES if rules is None else rules):
+    if name == "batch":
+      axes = (STAGE_AXIS,) + tuple(a for a in _names(axes) if a != STAGE_AXIS)
+    out.append((name, axes))
+  return tuple(out)
+
+
+def without_axis(rules, axis: str) -> tuple[tuple[str, Any], ...]:
+  """``rules`` with the mesh axis ``axis`` removed from every rule (a rule left empty maps to None).
+
+  Example:
+    >>> dict(without_axis(pipeline_rules(), "stage"))["batch"]
+    ('data', 'fsdp')
+  """
+  out = []
+  for name, axes in rules:
+    kept = tuple(a for a in _names(axes) if a != axis)
+    out.append((name, None if not kept else kept[0] if isinstance(axes, str) else kept))
+  return tuple(out)
+
+
+def _names(axes) -> tuple[str, ...]:
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def _is_box(x) -> bool:
   return isinstance(x, nn.meta.AxisMetadata)
 
 
-def make_mesh(*, data: int = -1, fsdp: int = 1, tensor: int = 1,
+def make_mesh(*, data: int = -1, fsdp: int = 1, tensor: int = 1, stage: int | None = None,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ``("data", "fsdp", "tensor")`` mesh over ``devices`` (default: all, every host).
 
   One size may be -1: it takes the devices the others leave. Devices are laid
   out by ``mesh_utils.create_device_mesh`` (topology-aware on TPU/GPU), so
-  ``tensor`` (innermost) lands on the closest devices.
+  ``tensor`` (innermost) lands on the closest devices. With ``stage`` the
+  mesh gets a fourth, outermost axis ``"stage"`` for pipeline parallelism
+  (:mod:`jlora.sharding.pipeline`): stages exchange only one microbatch's
+  activations at a time, so they may sit on the slowest links.
 
   Args:
     data / fsdp / tensor: axis sizes; their product must be the device count.
+    stage: number of pipeline stages (may also be -1), or None for no stage axis.
     devices: the devices to use (``jax.devices()``, i.e. all processes', by default).
 
   Returns:
-    A ``jax.sharding.Mesh`` of shape ``[data, fsdp, tensor]`` with Auto axes.
+    A ``jax.sharding.Mesh`` of shape ``[data, fsdp, tensor]`` (``[stage, data,
+    fsdp, tensor]`` with ``stage``) with Auto axes.
 
   Example:
     >>> mesh = make_mesh(fsdp=2, tensor=4)      # on 8 devices: data = 1
     >>> dict(mesh.shape)
     {'data': 1, 'fsdp': 2, 'tensor': 4}
+    >>> dict(make_mesh(stage=2, fsdp=2, tensor=2).shape)
+    {'stage': 2, 'data': 1, 'fsdp': 2, 'tensor': 2}
   """
   devices = list(jax.devices() if devices is None else devices)
   sizes = dict(data=data, fsdp=fsdp, tensor=tensor)
+  names = MESH_AXES
+  if stage is not None:
+    sizes = dict(stage=stage, **sizes)
+    names = (STAGE_AXIS,) + MESH_AXES
   for name, s in sizes.items():
     if not isinstance(s, int) or isinstance(s, bool) or (s < 1 and s != -1):
       raise ValueError(f"make_mesh: {name}={s!r} must be a positive int or -1")
@@ -74,7 +131,7 @@ def make_mesh(*, data: int = -1, fsdp: int = 1, tensor: int = 1,
     if len(devices) % fixed:
       raise ValueError(f"make_mesh: {len(devices)} devices do not split into {sizes}")
     sizes[free[0]] = len(devices) // fixed
-  shape = tuple(sizes[n] for n in MESH_AXES)
+  shape = tuple(sizes[n] for n in names)
   if math.prod(shape) != len(devices):
     raise ValueError(f"make_mesh: axis sizes {sizes} need {math.prod(shape)} devices, "
                      f"but {len(devices)} are given")
@@ -82,7 +139,7 @@ def make_mesh(*, data: int = -1, fsdp: int = 1, tensor: int = 1,
     grid = mesh_utils.create_device_mesh(shape, devices)
   except (ValueError, AssertionError, NotImplementedError):
     grid = np.asarray(devices, dtype=object).reshape(shape)
-  return Mesh(grid, MESH_AXES)
+  return Mesh(grid, names)
 
 
 def _axis_size(mesh: Mesh, axes) -> int:

@@ -27,8 +27,31 @@ def _is_dynamic(x) -> bool:
 
 
 def _stand_in(x):
-  """What ``fn`` sees in place of a base leaf while it is traced: its abstract value."""
-  return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype) if W.is_quantized(x) else x
+  """What ``fn`` sees in place of a base leaf while it is traced: its abstract value.
+
+  Inside ``shard_map`` a quantized leaf whose codes vary over manual axes
+  (a pipeline stage's own layers) gets a stand-in of that type too, so the
+  traced function does not cast it as if it were replicated; the stand-in's
+  value is never used (XLA drops it).
+  """
+  if not W.is_quantized(x):
+    return x
+  varying = _varying_axes(x.codes)
+  if not varying:
+    return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
+  return jax.lax.pcast(jax.numpy.zeros(tuple(x.shape), x.dtype), tuple(sorted(varying)),
+                       to="varying")
+
+
+def _varying_axes(x) -> frozenset:
+  """The shard_map axes a traced value varies over (empty outside ``shard_map``)."""
+  if not isinstance(x, jax.core.Tracer):
+    return frozenset()
+  aval = jax.typeof(x)
+  vma = getattr(aval, "vma", None)
+  if vma is None:   # jax 0.10 keeps them in manual_axis_type
+    vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+  return frozenset(vma or ())
 
 
 def _loras(adapter) -> dict[str, L.LoRA]:
