@@ -97,6 +97,25 @@ case "$1" in
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     grep -h "^+ \|RESULT\|^peft_\|^full_ft\|Error\|error" "$OUT"/gpu*.log | python3 benchmarks/summary.py ;;
+  rest)  # (nvidia-h200-x2) the second pair of queues: scanned new/old, compile time again,
+    # memory (remat), full fine-tune and BitFit beside the PyTorch anchor, the bank, the curve
+    T="python3 benchmarks/train_step.py"
+    ( export CUDA_VISIBLE_DEVICES=0
+      for v in "lora --scan 1" "qlora --scan 1" "lora --scan 0"; do
+        full $T $v
+        (cd .bench_old && PYTHONPATH=$PWD:/tmp/site full python3 benchmarks/train_step.py $v)
+      done
+      XLA_PYTHON_CLIENT_PREALLOCATE=false full python3 benchmarks/curve.py --out "$OUT"
+    ) > "$OUT/gpu0.log" 2>&1 &
+    ( export CUDA_VISIBLE_DEVICES=1
+      full $T full --scan 0
+      full $T bitfit --scan 0
+      full python3 benchmarks/peft_baseline.py full
+      full $T lora --scan 0 --loss chunked --remat dots_no_batch
+      full python3 benchmarks/bank.py
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    grep -h "^+ \|RESULT\|^peft_\|^full_ft\|Error\|error" "$OUT"/gpu*.log | python3 benchmarks/summary.py ;;
   methods)  # the fine-tuning family (docs/methods.md), one process per row, the anchor in the same call
     for v in full bitfit; do
       run python3 benchmarks/train_step.py $v --scan 0
