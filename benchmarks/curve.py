@@ -5,7 +5,8 @@ A random Llama checkpoint (TinyLlama shape by default) is written once by
 ``from_pretrained``. jlora's initial adapter (r=16 on q/k/v/o/gate/up/down,
 B random so that step 0 already trains both factors) is written with
 ``jlora.peft.save`` and loaded by PEFT, so both sides start from the same
-numbers. Both train --steps AdamW steps on the same batches, in bf16 (the
+numbers. Both train --steps AdamW steps on the same batches (--distinct random
+batches, cycled, so the loss can fall), in bf16 (the
 adapters float32, as PEFT keeps them); with ``--quant nf4`` both bases are
 NF4 with double quantization (jlora's quantizer and bitsandbytes', which
 give the same codes).
@@ -50,6 +51,8 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--seq", type=int, default=512)
   ap.add_argument("--lr", type=float, default=2e-4)
+  ap.add_argument("--distinct", type=int, default=4,
+                  help="distinct batches, cycled (random tokens: only repeats can be learnt)")
   ap.add_argument("--quant", default="none", choices=["none", "nf4"])
   ap.add_argument("--out", default="out")
   args = ap.parse_args(argv)
@@ -61,7 +64,8 @@ def main(argv=None):
   torch.manual_seed(0)
   transformers.LlamaForCausalLM(hf_config(c)).to(torch.bfloat16).save_pretrained(folder + "/base")
   rng = np.random.default_rng(0)
-  batches = [rng.integers(0, c.vocab_size, size=(args.batch, args.seq)) for _ in range(args.steps)]
+  pool = [rng.integers(0, c.vocab_size, size=(args.batch, args.seq)) for _ in range(args.distinct)]
+  batches = [pool[i % args.distinct] for i in range(args.steps)]
 
   # --- jlora ---------------------------------------------------------------------
   quant = "nf4" if args.quant == "nf4" else None
