@@ -6,7 +6,7 @@ PEFT's IA³ files (``peft_type: "IA3"``) hold one vector per adapted module::
                                      [1, in]    inputs scaled (feedforward_modules: down_proj)
 
 and ``adapter_config.json`` names ``target_modules`` and
-``feedforward_modules`` (PEFT's matching rules, :mod:`jlora.interop.peft_config`).
+``feedforward_modules`` (PEFT's matching rules, :mod:`jlora.interop.peft.config`).
 jlora's :class:`~jlora.methods.ia3.IA3` holds ``out = ia3_l[:, 0]`` or
 ``inp = ia3_l[0]``; a scanned layer stack maps PEFT's layer ``i`` to index ``i``.
 
@@ -26,7 +26,9 @@ import numpy as np
 from jlora import paths
 from jlora.errors import AdapterError, ConfigError, FormatError
 from jlora.interop import peft as P
-from jlora.interop import peft_config as pc
+from jlora.interop.peft.load import _trace
+from jlora.interop.peft.save import _write_atomic
+from jlora.interop.peft import config as pc
 from jlora.interop.safetensors_io import read_json
 from jlora.methods.ia3 import IA3
 
@@ -102,7 +104,7 @@ def load(directory, params: Any, *, model=None, args=(), kwargs=None, dtype=jnp.
       left unscaled (PEFT's initial ones).
   """
   d = read_config(directory)
-  layers = P._trace(model, params, args, kwargs) if model is not None else None
+  layers = _trace(model, params, args, kwargs) if model is not None else None
   table = P.sites(params, layers)
   tensors = P.read_tensors(directory)
   flat = paths.flatten(params)
@@ -167,7 +169,7 @@ def export(adapter: Any, *, base_model_name_or_path=None, task_type="CAUSAL_LM")
     raise AdapterError("IA³ export: the adapter must hold IA3 nodes only")
   tensors, ff_names, names = {}, set(), set()
   for path, node in nodes.items():
-    if node.stack > 1 or node.stack != P._is_stack(path):
+    if node.stack > 1 or node.stack != (path.split("/")[0] == "layers"):
       raise AdapterError(f"IA³ export: {path!r} has {node.stack} stacked axes; only a scanned "
                          "'layers/...' stack (one axis) has per-layer Hugging Face names")
     v = np.asarray(jax.device_get(node.vector))
@@ -213,4 +215,4 @@ def save(directory, adapter: Any, *, base_model_name_or_path=None, task_type="CA
   """
   tensors, config = export(adapter, base_model_name_or_path=base_model_name_or_path,
                            task_type=task_type)
-  P._write_atomic(os.fspath(directory), tensors, config, overwrite)
+  _write_atomic(os.fspath(directory), tensors, config, overwrite)

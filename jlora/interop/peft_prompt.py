@@ -23,7 +23,8 @@ import numpy as np
 
 from jlora.errors import ConfigError, FormatError
 from jlora.interop import peft as P
-from jlora.interop import peft_config as pc
+from jlora.interop.peft.save import _write_atomic
+from jlora.interop.peft import config as pc
 from jlora.interop.safetensors_io import read_json
 from jlora.methods.prefix import Prefix
 from jlora.methods.prompt import Prompt
@@ -182,4 +183,4 @@ def save(directory, adapter: Prompt | Prefix, config: Any = None, *,
     (4, 16)
   """
   tensors, cfg = export(adapter, config, base_model_name_or_path=base_model_name_or_path)
-  P._write_atomic(os.fspath(directory), tensors, cfg, overwrite)
+  _write_atomic(os.fspath(directory), tensors, cfg, overwrite)
