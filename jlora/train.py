@@ -201,7 +201,8 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: optax.GradientTransf
       (the arrays passed in are deleted; keep using the ones returned). The
       base is never donated.
     jit: compile the step with ``jax.jit`` (turn off only to debug).
-    nonfinite: when the loss or any gradient holds a NaN or Inf: "skip" leaves
+    nonfinite: when the loss or any gradient holds a NaN or Inf (or a leaf's
+      sum of squares overflows float32, |g| beyond about 1e19): "skip" leaves
       adapter and optimizer state as they were (``metrics["skipped"]`` is 1);
       "raise" does the same and then raises :class:`jlora.NonFiniteError`
       naming the step and the first offending leaf (it waits for each step's
@@ -279,10 +280,12 @@ def _core_step(loss_fn, optimizer, has_aux: bool, nonfinite: str, trainable=None
     loss, aux = out if has_aux else (out, None)
     updates, new_opt = optimizer.update(grads, opt_state, adapter)
     new_adapter = optax.apply_updates(adapter, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    # one reduction per leaf serves both the norm and the guard: a NaN or Inf
+    # anywhere in a leaf makes its sum of squares non-finite
+    squares = [jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)]
+    metrics = {"loss": loss, "grad_norm": jnp.sqrt(sum(squares, jnp.float32(0)))}
     if nonfinite != "apply":
-      finite = jnp.stack([jnp.all(jnp.isfinite(loss))] +
-                         [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+      finite = jnp.isfinite(jnp.stack([jnp.asarray(loss, jnp.float32)] + squares))
       ok = jnp.all(finite)
       keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
       new_adapter = jax.tree.map(keep, new_adapter, adapter)
