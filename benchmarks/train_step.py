@@ -15,6 +15,7 @@ memory is that variant's alone:
   python benchmarks/train_step.py lora --preset llama-3-8b --batch 8 --mesh 1,4,1   # 4 devices
   python benchmarks/train_step.py lora --preset llama-3-8b --batch 4 --pipeline 2,4,gpipe
   python benchmarks/train_step.py full --aot      # compile only, abstract inputs: XLA's memory estimate
+  python benchmarks/train_step.py lora --aot      # and the lowered step's op counts (hlo_ops, hlo_top)
 
 Full fine-tuning keeps AdamW's moments in the weights' dtype (bf16), as the
 PyTorch anchor's ``torch.optim.AdamW`` does, and donates the weights to the
@@ -32,9 +33,11 @@ PEFT anchor script times itself. With ``--hardware`` the line also holds the
 cost model's prediction (``benchmarks/cost_model.py``) for the same step.
 """
 import argparse
+import collections
 import json
 import math
 import os
+import re
 import statistics
 import time
 
@@ -311,8 +314,10 @@ def aot(args, cfg, model):
   state = jax.eval_shape(lambda t: train.init_train_state(t, opt, trainable=select), tree)
   step = train.make_train_step(loss_fn, opt, trainable=select)
   t0 = time.perf_counter()
-  compiled = step.lower(tree, state, base, ids).compile()
+  lowered = step.lower(tree, state, base, ids)
+  compiled = lowered.compile()
   t_compile = time.perf_counter() - t0
+  ops = collections.Counter(re.findall(r"= (stablehlo\.[a-z_]+)", lowered.as_text()))
   mem = compiled.memory_analysis()
   mib = lambda n: round(n / 2**20, 1)
   part = tree if select is None else methods.split(tree, select)[0]
@@ -324,7 +329,8 @@ def aot(args, cfg, model):
       alias_mib=mib(mem.alias_size_in_bytes), temp_mib=mib(mem.temp_size_in_bytes),
       peak_estimate_mib=mib(mem.argument_size_in_bytes + mem.output_size_in_bytes
                             - mem.alias_size_in_bytes + mem.temp_size_in_bytes),
-      compile_s=round(t_compile, 1), jax=jax.__version__)
+      compile_s=round(t_compile, 1), jax=jax.__version__,
+      hlo_ops=sum(ops.values()), hlo_top={k.split(".")[1]: n for k, n in ops.most_common(8)})
   print("RESULT", json.dumps(result), flush=True)
   return result
 
