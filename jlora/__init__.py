@@ -8,7 +8,7 @@ does not load them (or Flax Linen).
 import importlib as _importlib
 
 from jlora.errors import (AdapterError, CheckpointError, ConfigError, FormatError, JloraError,
-                          NonFiniteError)
+                          NonFiniteError, UnsavableError)
 from jlora.config import ALL_LINEAR, LoraConfig
 from jlora.lora import LoRA
 from jlora.adapter import combine, count_params, delta, merge, negate, scale, unmerge
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "JloraError", "ConfigError", "AdapterError", "CheckpointError", "FormatError",
-    "NonFiniteError",
+    "NonFiniteError", "UnsavableError",
     "ALL_LINEAR", "LoraConfig", "LoRA",
     "init_adapter", "apply", "adapt", "AdapterBank",
     "merge", "unmerge", "delta", "scale", "negate", "combine", "count_params",

@@ -43,6 +43,12 @@ class FormatError(CheckpointError):
   JSON metadata that does not hold what it must."""
 
 
+class UnsavableError(CheckpointError, TypeError):
+  """A tree holds a leaf jlora cannot save (an object, a PRNG key, a dtype that
+  would not come back bit for bit); the message names its path. Also a
+  ``TypeError``, as before it existed."""
+
+
 class NonFiniteError(JloraError):
   """A training step produced a NaN or Inf loss or gradient (``nonfinite="raise"``).
 

@@ -263,7 +263,7 @@ def test_save_rejects_unsupported_leaves(tmp_path):
     jlora.save(tmp_path / "b", {"f64": np.ones(3)})
   with pytest.raises(TypeError, match="dict keys must be strings"):
     jlora.save(tmp_path / "b", {"x": {1: jnp.ones(2)}})
-  with pytest.raises(TypeError, match="'x/0'.*unsupported object"):
+  with pytest.raises(jlora.UnsavableError, match="'x/0'.*unsupported object"):
     jlora.save(tmp_path / "c", {"x": [object()]})
 
   @jax.tree_util.register_dataclass

@@ -67,7 +67,8 @@ def save(path, tree: Any, *, overwrite: bool = True) -> None:
   writes the manifest and swaps the directory in.
 
   Raises:
-    TypeError: a leaf jlora cannot save (e.g. an NNX Variable, a PRNG key).
+    UnsavableError: a leaf jlora cannot save (e.g. an NNX Variable, a PRNG key);
+      a CheckpointError and a TypeError.
     CheckpointError: ``path`` exists and may not be replaced, cannot be
       written, or orbax failed to write the arrays (nothing is replaced).
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import paths
-from jlora.errors import short
+from jlora.errors import UnsavableError, short
 
 MAX_DEPTH = 64
 """Deepest nesting of containers and nodes a manifest may describe."""
@@ -69,12 +69,12 @@ def _encode_dtype(x) -> dict | None:
 
 def _encode_array(x, path: str, arrays: list | None) -> dict:
   if arrays is None:
-    raise TypeError(f"cannot save an array in the static field {path!r}")
+    raise UnsavableError(f"cannot save an array in the static field {path!r}")
   if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
-    raise TypeError(f"cannot save {path!r}: dtype {x.dtype} is not a plain array dtype "
+    raise UnsavableError(f"cannot save {path!r}: dtype {x.dtype} is not a plain array dtype "
                     "(for PRNG keys save jax.random.key_data(key))")
   if jax.dtypes.canonicalize_dtype(x.dtype) != x.dtype:
-    raise TypeError(f"cannot save {path!r} bit-exactly: its dtype {np.dtype(x.dtype)} becomes "
+    raise UnsavableError(f"cannot save {path!r} bit-exactly: its dtype {np.dtype(x.dtype)} becomes "
                     f"{jax.dtypes.canonicalize_dtype(x.dtype)} in JAX with jax_enable_x64 off; "
                     "cast it first, or enable x64")
   arrays.append(x)
@@ -86,13 +86,13 @@ def _encode_node(node, path: str, arrays: list | None) -> dict:
   names = {cls: name for name, cls in _node_classes().items()}
   name = names.get(type(node))
   if name is None or not dataclasses.is_dataclass(node):
-    raise TypeError(f"cannot save {path!r}: {type(node).__name__} is not a node class jlora "
+    raise UnsavableError(f"cannot save {path!r}: {type(node).__name__} is not a node class jlora "
                     "knows (see jlora.checkpoint.register_node)")
   kids, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda y: y is not node)
   children = {}
   for keypath, child in kids:
     if len(keypath) != 1 or not isinstance(keypath[0], jax.tree_util.GetAttrKey):
-      raise TypeError(f"cannot save {path!r}: {name} children must be dataclass fields")
+      raise UnsavableError(f"cannot save {path!r}: {name} children must be dataclass fields")
     field = keypath[0].name
     children[field] = encode(child, _join(path, field), arrays)
   static = {f.name: encode(getattr(node, f.name), f"{path}.{f.name}", None)
@@ -120,12 +120,12 @@ def encode(x, path: str, arrays: list | None):
   if isinstance(x, Mapping):
     bad = [k for k in x if not isinstance(k, str)]
     if bad:
-      raise TypeError(f"cannot save {path!r}: dict keys must be strings, got {bad[0]!r}")
+      raise UnsavableError(f"cannot save {path!r}: dict keys must be strings, got {bad[0]!r}")
     return {"dict": {k: encode(v, _join(path, k), arrays) for k, v in x.items()}}
   if type(x) in (list, tuple):
     items = [encode(v, _join(path, str(i)), arrays) for i, v in enumerate(x)]
     return items if type(x) is list else {"tuple": items}
-  raise TypeError(f"cannot save {path or 'the tree'!r}: unsupported {type(x).__name__} "
+  raise UnsavableError(f"cannot save {path or 'the tree'!r}: unsupported {type(x).__name__} "
                   "(save nested dicts/lists/tuples of arrays and jlora nodes; for an NNX "
                   "State use nnx.to_pure_dict)")
 
