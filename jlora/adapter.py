@@ -211,11 +211,23 @@ def delta(adapter: Any, dtype=None) -> dict:
   return paths.unflatten({p: L.delta(lo, dtype) for p, lo in loras(adapter).items()})
 
 
+def _lora_only(adapter: Any, what: str) -> dict[str, L.LoRA]:
+  """``loras(adapter)``, refusing other kinds of node (they have no ΔW = s·a·b)."""
+  nodes = loras(adapter)
+  other = [p for p, v in nodes.items() if not isinstance(v, L.LoRA)]
+  if other:
+    raise AdapterError(f"{what} works on LoRA adapters; {other[0]!r} is a "
+                       f"{type(nodes[other[0]]).__name__} node")
+  return nodes
+
+
 def scale(adapter: Any, factor: float | jax.Array) -> Any:
   """Task arithmetic: ΔW of every layer times ``factor`` (applied to ``b``).
 
-  DoRA magnitudes are left as they are.
+  DoRA magnitudes are left as they are. LoRA nodes only (an
+  :class:`~jlora.errors.AdapterError` names any other kind).
   """
+  _lora_only(adapter, "scale")
   return jax.tree.map(lambda lo: lo.replace(b=(lo.b * factor).astype(lo.b.dtype)), adapter,
                       is_leaf=lambda x: isinstance(x, L.LoRA))
 
@@ -334,7 +346,7 @@ def _combine_args(adapters, weights, method, density, key, sign_method):
   if sign_method not in C.SIGN_METHODS:
     raise ValueError(f"combine: majority_sign_method must be one of {C.SIGN_METHODS}, "
                      f"got {sign_method!r}")
-  flats = [loras(ad) for ad in adapters]
+  flats = [_lora_only(ad, "combine") for ad in adapters]
   for i, f in enumerate(flats[1:], 1):
     extra = set(f) ^ set(flats[0])
     if extra:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jlora
 import lora_reference as ref
 from conftest import rel_err
 from jlora import adapter as A
@@ -281,3 +282,12 @@ def test_combine_errors(rng):
                       is_leaf=lambda x: isinstance(x, L.LoRA))
   with pytest.raises(ValueError, match=r"adapter 1 at '.*' is a DoRA adapter"):
     A.combine([a1, dora])
+
+
+def test_scale_and_combine_name_a_node_that_is_not_lora():
+  from jlora.methods.ia3 import IA3
+  ad = {"d": {"kernel": IA3(out=jnp.ones(4))}}
+  with pytest.raises(jlora.AdapterError, match="scale works on LoRA adapters; 'd/kernel' is a IA3"):
+    jlora.negate(ad)
+  with pytest.raises(jlora.AdapterError, match="combine works on LoRA adapters; 'd/kernel'"):
+    jlora.combine([ad, ad])
