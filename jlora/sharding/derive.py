@@ -55,6 +55,8 @@ def lora_shardings(lora: L.LoRA, kernel: NamedSharding | P, mesh: Mesh | None = 
 def adapter_shardings(adapter: Any, base_shardings: Any, mesh: Mesh | None = None) -> Any:
   """Shardings for every LoRA of ``adapter``, following its base kernel's.
 
+  Other adapter nodes (IA³, bottleneck, prompt, prefix) are replicated.
+
   Args:
     adapter: the adapter tree (arrays or ``jax.ShapeDtypeStruct``s).
     base_shardings: the base's shardings (:func:`param_shardings`): a tree with
@@ -79,11 +81,23 @@ def adapter_shardings(adapter: Any, base_shardings: Any, mesh: Mesh | None = Non
     if lo is None:
       return None
     if not isinstance(lo, L.LoRA):
-      raise TypeError(f"not an adapter: leaf at {path!r} is a {type(lo).__name__}")
+      if not getattr(type(lo), "_jlora_adapter", False):
+        raise TypeError(f"not an adapter: leaf at {path!r} is a {type(lo).__name__}")
+      # IA3 vectors, bottlenecks, prompts: small, so every device holds them whole
+      where = flat.get(path)
+      m = where.mesh if isinstance(where, NamedSharding) else mesh or _any_mesh(flat)
+      return jax.tree.map(lambda _: NamedSharding(m, P()), lo)
     if path not in flat:
       raise ValueError(f"adapter path {path!r} has no sharding in base_shardings")
     return lora_shardings(lo, flat[path], mesh, path)
   return paths.map_with_path(one, adapter)
+
+
+def _any_mesh(flat) -> Mesh:
+  for s in flat.values():
+    if isinstance(s, NamedSharding):
+      return s.mesh
+  raise ValueError("base_shardings holds no NamedSharding: pass mesh=")
 
 
 def _axes_tuple(axes) -> tuple[str, ...]:
