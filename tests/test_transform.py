@@ -415,6 +415,19 @@ def test_shard_map_over_eight_devices(rng):
   w = jax.device_put(params["w"], NamedSharding(mesh, P("x", "y")))
   got = jax.jit(lambda w, ad: jlora.adapt(fn, {"w": w}, ad)(x))(w, ad)
   assert rel_err(got, fn(jlora.merge(params, ad), x)) < TOL
+  # IA3 vectors (on the outputs, or on the inputs) are split like the axes they scale
+  from jlora.methods.bottleneck import init_bottleneck
+  from jlora.methods.ia3 import init_ia3
+  plain = lambda p, x: x @ p["w"]
+  for ff in ((), "w"):
+    ia3 = jax.tree.map(lambda v: jnp.asarray(1 + rng.normal(size=v.shape), v.dtype),
+                       init_ia3(params, targets="w", feedforward=ff, model=fn, args=(x,)))
+    got = jax.jit(lambda w, ad: jlora.adapt(fn, {"w": w}, ad)(x))(w, ia3)
+    assert rel_err(got, jlora.adapt(plain, params, ia3)(x)) < TOL
+  # a bottleneck is nonlinear in the whole output: a partial product cannot take it
+  bn = init_bottleneck(jax.random.key(1), params, width=2, targets="w", model=fn, args=(x,))
+  with pytest.raises(jlora.AdapterError, match="'w'.*Bottleneck.*partial product"):
+    jlora.adapt(fn, params, bn)(x)
 
 
 def test_a_layer_stack_indexed_in_a_python_loop_and_vmapped(rng):

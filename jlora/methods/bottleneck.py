@@ -61,6 +61,7 @@ class Bottleneck:
   _jlora_node = True
   _jlora_adapter = True
   FIELDS = {"down": "SOh", "down_bias": "Sh", "up": "ShO", "up_bias": "SO"}
+  NONLINEAR = True   # of the whole output: no split input/output axes inside shard_map
 
   @property
   def width(self) -> int:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
+from jlora.errors import AdapterError
 from jlora.transform import rules
 from jlora.transform import weight as W
 from jlora.transform.weight import Weight
@@ -376,22 +377,29 @@ def _shard_map(eqn, invals):
 
 
 def _weight_specs(w: Weight, spec):
-  """Partition specs for a Weight's arrays: each factor axis as its view axis."""
+  """Partition specs for a Weight's arrays: each adapter array's axis (by its
+  node's ``FIELDS`` layout) takes the spec of the weight axis it stands for."""
   from jax.sharding import PartitionSpec as P
   entries = tuple(spec) + (None,) * (w.ndim - len(tuple(spec)))
 
   def of(role):
     return entries[w.roles.index(role)] if role in w.roles else None
-  lora = w.lora
-  if lora is not None:
-    ns, ni, no = w.count("s"), w.count("i"), w.count("o")
-    s = [of(("s", j)) for j in range(ns)]
-    lora = lora.replace(
-        a=P(*s, *[of(("i", j)) for j in range(ni)], None),
-        b=P(*s, None, *[of(("o", j)) for j in range(no)]),
-        magnitude=None if lora.magnitude is None else P(*s, *[of(("o", j)) for j in range(no)]))
+  node = w.lora
+  if node is not None:
+    counts = {"S": w.count("s"), "I": w.count("i"), "O": w.count("o")}
+    by_letter = {k: [of((k.lower(), j)) for j in range(n)] for k, n in counts.items()}
+    split = [e for e in by_letter["I"] + by_letter["O"] if e is not None]
+    if getattr(type(node), "NONLINEAR", False) and split:
+      raise AdapterError(
+          f"{w.path!r}: a {type(node).__name__} adapter is a nonlinear function of the whole "
+          f"matmul output, but inside this shard_map the weight's input/output axes are split "
+          f"over {split} (in_specs {spec}), so each shard holds a partial product; keep those "
+          "axes whole there, or use LoRA or IA3, which are linear")
+    node = node.replace(**{
+        name: P(*[e for t in template for e in by_letter.get(t, [None])])
+        for name, template in W._fields(node).items() if getattr(node, name) is not None})
   key = None if w.key is None else P(*[of(("s", j)) for j in range(w.count("s"))])
-  return w.replace(base=P(*entries), lora=lora, key=key)
+  return w.replace(base=P(*entries), lora=node, key=key)
 
 
 def _custom(eqn, invals):
