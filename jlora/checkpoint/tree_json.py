@@ -72,11 +72,11 @@ def _encode_array(x, path: str, arrays: list | None) -> dict:
     raise UnsavableError(f"cannot save an array in the static field {path!r}")
   if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
     raise UnsavableError(f"cannot save {path!r}: dtype {x.dtype} is not a plain array dtype "
-                    "(for PRNG keys save jax.random.key_data(key))")
+                          "(for PRNG keys save jax.random.key_data(key))")
   if jax.dtypes.canonicalize_dtype(x.dtype) != x.dtype:
-    raise UnsavableError(f"cannot save {path!r} bit-exactly: its dtype {np.dtype(x.dtype)} becomes "
-                    f"{jax.dtypes.canonicalize_dtype(x.dtype)} in JAX with jax_enable_x64 off; "
-                    "cast it first, or enable x64")
+    raise UnsavableError(f"cannot save {path!r} bit-exactly: its dtype {np.dtype(x.dtype)} "
+                          f"becomes {jax.dtypes.canonicalize_dtype(x.dtype)} in JAX with "
+                          "jax_enable_x64 off; cast it first, or enable x64")
   arrays.append(x)
   return {"array": len(arrays) - 1, "shape": [int(d) for d in x.shape],
           "dtype": np.dtype(x.dtype).name, "crc32": crc32(x)}
@@ -87,7 +87,7 @@ def _encode_node(node, path: str, arrays: list | None) -> dict:
   name = names.get(type(node))
   if name is None or not dataclasses.is_dataclass(node):
     raise UnsavableError(f"cannot save {path!r}: {type(node).__name__} is not a node class jlora "
-                    "knows (see jlora.checkpoint.register_node)")
+                          "knows (see jlora.checkpoint.register_node)")
   kids, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda y: y is not node)
   children = {}
   for keypath, child in kids:
@@ -126,8 +126,8 @@ def encode(x, path: str, arrays: list | None):
     items = [encode(v, _join(path, str(i)), arrays) for i, v in enumerate(x)]
     return items if type(x) is list else {"tuple": items}
   raise UnsavableError(f"cannot save {path or 'the tree'!r}: unsupported {type(x).__name__} "
-                  "(save nested dicts/lists/tuples of arrays and jlora nodes; for an NNX "
-                  "State use nnx.to_pure_dict)")
+                       "(save nested dicts/lists/tuples of arrays and jlora nodes; for an NNX "
+                       "State use nnx.to_pure_dict)")
 
 
 def _join(path: str, key: str) -> str:

@@ -37,7 +37,7 @@ from jlora import paths
 from jlora.errors import ConfigError, FormatError, short
 from jlora.interop import hub
 from jlora.interop import safetensors_io as st
-from jlora.interop.hf_names import NameMap
+from jlora.interop.hf_names import NameMap, scanned
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)   # buffers some old checkpoints saved
 
@@ -175,7 +175,7 @@ def from_hf(directory: str | os.PathLike, dtype=jnp.float32, *, scan_layers: boo
 
 
 def _names_of(path: str, config: Any, names: Any) -> list[str]:
-  if path.split(paths.SEP)[0] == "layers":
+  if scanned(path):
     return [names.hf_name(path, i) for i in range(config.num_hidden_layers)]
   return [names.hf_name(path)]
 
@@ -215,7 +215,7 @@ def _check_names(ckpt: st.Checkpoint, plan: dict, config: Any, directory: str) -
 
 def _load(ckpt: st.Checkpoint, path: str, names: list[str], spec: jax.ShapeDtypeStruct,
           sharding: Sharding | None, np_dtype: np.dtype) -> jax.Array:
-  stacked, kernel = path.split(paths.SEP)[0] == "layers", _is_kernel(path)
+  stacked, kernel = scanned(path), _is_kernel(path)
   layer_shape = tuple(spec.shape[1:] if stacked else spec.shape)
   want = layer_shape[::-1] if kernel else layer_shape
   for n in names:
@@ -367,7 +367,7 @@ def to_hf(directory: str | os.PathLike, config: Any, params: Any, *,
 
   def tensors():
     for p in _progress(list(specs), progress, len(specs), os.path.basename(directory), "writing"):
-      layers = range(config.num_hidden_layers) if p.split(paths.SEP)[0] == "layers" else [None]
+      layers = range(config.num_hidden_layers) if scanned(p) else [None]
       if p in quantized:
         for i in layers:
           yield from bnb(flat[p] if i is None else flat[p][i], fam.names.hf_name(p, i))
@@ -399,7 +399,7 @@ def _bnb_config(flat: Mapping[str, Any], quantized: set, names: NameMap, n_layer
   (scheme, double_quant, dtype), = kinds
   skip = sorted(names.hf_name(p, i).rpartition(".")[0]
                 for p in flat if _is_kernel(p) and p not in quantized
-                for i in (range(n_layers) if p.split(paths.SEP)[0] == "layers" else [None]))
+                for i in (range(n_layers) if scanned(p) else [None]))
   return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
           "bnb_4bit_quant_type": scheme, "bnb_4bit_use_double_quant": bool(double_quant),
           "bnb_4bit_compute_dtype": dtype, "bnb_4bit_quant_storage": "uint8",

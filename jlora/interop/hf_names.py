@@ -16,6 +16,16 @@ import dataclasses
 from jlora import paths
 
 
+def scanned(path: str) -> bool:
+  """A scanned layer stack in the reference models' layout: ``layers/...`` (no index).
+
+  Example:
+    >>> scanned("layers/mlp/up_proj/kernel"), scanned("layers_0/mlp/up_proj/kernel")
+    (True, False)
+  """
+  return path.split(paths.SEP)[0] == "layers"
+
+
 @dataclasses.dataclass(frozen=True)
 class NameMap:
   """jlora parameter paths <-> Hugging Face tensor and module names, for one layout.
@@ -91,7 +101,7 @@ class NameMap:
     A scanned ``layers/...`` weight is named per ``layer``; a weight outside
     ``layers/`` with a ``layer`` (a stack this layout does not know) has no name.
     """
-    if (layer is None) == (path.split(paths.SEP)[0] == "layers"):
+    if (layer is None) == scanned(path):
       return None
     if len(path.split(paths.SEP)) < 2:
       return None

@@ -29,6 +29,7 @@ from jlora.interop import peft as P
 from jlora.interop.peft.load import _trace
 from jlora.interop.peft.save import _write_atomic
 from jlora.interop.peft import config as pc
+from jlora.interop.hf_names import scanned
 from jlora.interop.safetensors_io import read_json
 from jlora.methods.ia3 import IA3
 
@@ -169,7 +170,7 @@ def export(adapter: Any, *, base_model_name_or_path=None, task_type="CAUSAL_LM")
     raise AdapterError("IA³ export: the adapter must hold IA3 nodes only")
   tensors, ff_names, names = {}, set(), set()
   for path, node in nodes.items():
-    if node.stack > 1 or node.stack != (path.split("/")[0] == "layers"):
+    if node.stack > 1 or node.stack != scanned(path):
       raise AdapterError(f"IA³ export: {path!r} has {node.stack} stacked axes; only a scanned "
                          "'layers/...' stack (one axis) has per-layer Hugging Face names")
     v = np.asarray(jax.device_get(node.vector))

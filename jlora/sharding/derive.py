@@ -85,19 +85,14 @@ def adapter_shardings(adapter: Any, base_shardings: Any, mesh: Mesh | None = Non
         raise TypeError(f"not an adapter: leaf at {path!r} is a {type(lo).__name__}")
       # IA3 vectors, bottlenecks, prompts: small, so every device holds them whole
       where = flat.get(path)
-      m = where.mesh if isinstance(where, NamedSharding) else mesh or _any_mesh(flat)
+      m = where.mesh if isinstance(where, NamedSharding) else mesh or _mesh_of(base_shardings)
+      if m is None:
+        raise ValueError("base_shardings holds no NamedSharding: pass mesh=")
       return jax.tree.map(lambda _: NamedSharding(m, P()), lo)
     if path not in flat:
       raise ValueError(f"adapter path {path!r} has no sharding in base_shardings")
     return lora_shardings(lo, flat[path], mesh, path)
   return paths.map_with_path(one, adapter)
-
-
-def _any_mesh(flat) -> Mesh:
-  for s in flat.values():
-    if isinstance(s, NamedSharding):
-      return s.mesh
-  raise ValueError("base_shardings holds no NamedSharding: pass mesh=")
 
 
 def _axes_tuple(axes) -> tuple[str, ...]:

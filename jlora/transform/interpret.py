@@ -309,7 +309,7 @@ def _scan_parts(w: Weight):
     dropped = dropped + role[1]
   elif w.lora is not None:
     roles = tuple((k, j - 1) if k == "s" else (k, j) for k, j in roles)
-    counts = {"S": w.count("s"), "I": w.count("i"), "O": w.count("o")}
+    counts = W._counts(w)
     for name, template in getattr(type(w.lora), "FIELDS", {}).items():
       v = getattr(w.lora, name)
       ax = W.field_axis(template, counts, ("s", 0))
@@ -386,7 +386,7 @@ def _weight_specs(w: Weight, spec):
     return entries[w.roles.index(role)] if role in w.roles else None
   node = w.lora
   if node is not None:
-    counts = {"S": w.count("s"), "I": w.count("i"), "O": w.count("o")}
+    counts = W._counts(w)
     by_letter = {k: [of((k.lower(), j)) for j in range(n)] for k, n in counts.items()}
     split = [e for e in by_letter["I"] + by_letter["O"] if e is not None]
     if getattr(type(node), "NONLINEAR", False) and split:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 from jlora import lora as L
 from jlora import paths
 from jlora.errors import ConfigError, short
-from jlora.interop.hf_names import NameMap
+from jlora.interop.hf_names import NameMap, scanned
 
 ADAPTABLE_LEAVES = ("kernel", "embedding")
 HEAD_MODULES = ("lm_head",)
@@ -191,7 +191,7 @@ class Site:
 
 def _guess_info(path: str, shape: tuple[int, ...]) -> L.LayerInfo | None:
   """Without a trace: 2-D kernels and embeddings, one stacked axis under ``layers/``."""
-  stack = 1 if path.split(paths.SEP)[0] == "layers" else 0
+  stack = 1 if scanned(path) else 0
   if len(shape) - stack != 2:
     return None
   kind = "embed" if path.endswith("/embedding") else "dense"
